@@ -1,0 +1,7 @@
+"""`python -m tokend` runs the command-line interface."""
+
+import sys
+
+from tokend.cli import main
+
+sys.exit(main())

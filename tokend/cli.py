@@ -1,0 +1,479 @@
+"""The `tokend` command: argparse, the socket client, exit codes, and logging set-up.
+
+Client commands (`token`, `header`, `headers`, `exec`, `status`) use only the standard library's
+`http.client` over AF_UNIX and import nothing heavy (no httpx, no APScheduler, no keyring), so a
+job script pays little for them. Only `main` exits; every error prints one line on stderr that
+names the connector and the action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tokend import __version__
+from tokend.client import request_json
+from tokend.errors import ApiError, DaemonUnavailableError, ExitCode, TokendError
+
+if TYPE_CHECKING:
+    from tokend.config import Config
+
+# ----------------------------------------------------------------------------- where things are
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    """--socket, else TOKEND_SOCKET, else the config's daemon.socket, else the default."""
+    if args.socket:
+        return str(args.socket)
+    env = os.environ.get("TOKEND_SOCKET")
+    if env:
+        return env
+    from tokend import paths
+
+    config_path = paths.config_path(args.config)
+    configured = paths.configured_socket(config_path)
+    return str(configured or paths.default_socket_path())
+
+
+def _load_config(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
+    from tokend import paths
+    from tokend.config import load_config
+
+    return load_config(paths.config_path(args.config), missing_ok=missing_ok)
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def _print_error(exc: TokendError) -> None:
+    if isinstance(exc, ApiError):
+        who = f"{exc.connector}: " if exc.connector else ""
+        line = f"tokend: {who}{exc.description}"
+        if exc.action:
+            line += (
+                f"; run: {exc.action}" if exc.action.startswith("tokend ") else f"; {exc.action}"
+            )
+        if exc.retry_after:
+            line += f" (retry after {exc.retry_after}s)"
+    else:
+        line = f"tokend: {exc}"
+    print(" ".join(line.split()), file=sys.stderr)
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="")
+
+
+def _token(args: argparse.Namespace, name: str, min_ttl: float | None = None) -> dict[str, Any]:
+    query = "" if not min_ttl else f"?min_ttl={min_ttl:g}"
+    body = request_json(
+        _socket_path(args), "GET", f"/v1/connectors/{_quote(name)}/token{query}", connector=name
+    )
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        raise ApiError("internal_error", "daemon answered without a token", connector=name)
+    return body
+
+
+def _min_ttl(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from tokend.paths import parse_seconds
+
+    try:
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise ApiError("bad_request", f"--min-ttl: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- client commands
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    body = _token(args, args.name, _min_ttl(args.min_ttl))
+    sys.stdout.write(body["access_token"] + "\n")
+    return 0
+
+
+def cmd_header(args: argparse.Namespace) -> int:
+    body = _token(args, args.name, _min_ttl(args.min_ttl))
+    sys.stdout.write(
+        f"Authorization: {body.get('token_type') or 'Bearer'} {body['access_token']}\n"
+    )
+    return 0
+
+
+def cmd_headers(args: argparse.Namespace) -> int:
+    name = args.name or os.environ.get("CLAUDE_CODE_MCP_SERVER_NAME")
+    if not name:
+        raise ApiError(
+            "bad_request", "no connector named: give NAME or set CLAUDE_CODE_MCP_SERVER_NAME"
+        )
+    body = _token(args, name, _min_ttl(args.min_ttl))
+    value = f"{body.get('token_type') or 'Bearer'} {body['access_token']}"
+    sys.stdout.write(json.dumps({"Authorization": value}) + "\n")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ApiError("bad_request", "exec needs a command after --", connector=args.name)
+    try:
+        body = _token(args, args.name, _min_ttl(args.min_ttl))
+    except TokendError as exc:
+        _skip_record(args.name, exc)
+        return int(exc.exit_code)
+    env = dict(os.environ)
+    env[args.env] = body["access_token"]
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606  # the user's command, by design
+    except OSError as exc:
+        print(f"tokend: exec {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    return 0  # pragma: no cover  # execvpe does not return
+
+
+def _skip_record(name: str, exc: TokendError) -> None:
+    from datetime import UTC, datetime
+
+    record: dict[str, object] = {
+        "event": "skipped",
+        "connector": name,
+        "error": exc.code if isinstance(exc, ApiError) else "daemon_unavailable",
+        "error_description": exc.description if isinstance(exc, ApiError) else str(exc),
+        "exit_code": int(exc.exit_code),
+        "at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+    }
+    if isinstance(exc, ApiError):
+        if exc.action:
+            record["action"] = exc.action
+        if exc.since:
+            record["since"] = exc.since
+        if exc.retry_after:
+            record["retry_after"] = exc.retry_after
+    print(json.dumps(record), file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    socket_path = _socket_path(args)
+    if args.name:
+        items = [request_json(socket_path, "GET", f"/v1/connectors/{_quote(args.name)}")]
+    else:
+        items = request_json(socket_path, "GET", "/v1/connectors")["connectors"]
+    if args.json:
+        sys.stdout.write(json.dumps(items if not args.name else items[0], indent=2) + "\n")
+        return 0
+    rows = [("CONNECTOR", "STATE", "EXPIRES IN", "NEXT REFRESH", "FAILURES", "LAST ERROR")]
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    for item in items:
+        rows.append(
+            (
+                str(item["connector"]),
+                str(item["state"]),
+                _until(item.get("expires_at"), now),
+                _until(item.get("next_refresh_at"), now),
+                str(item.get("consecutive_failures", 0)),
+                _last_error(item),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+        sys.stdout.write(("  ".join([*cells, row[5]])).rstrip() + "\n")
+    return 0
+
+
+def _last_error(item: dict[str, Any]) -> str:
+    text = str(item.get("last_error") or "")
+    if item.get("lifetime_assumed"):
+        text = (text + "; " if text else "") + "lifetime assumed (no expires_in)"
+    offset = item.get("clock_offset_s")
+    if isinstance(offset, int | float) and abs(offset) >= 30:
+        text = (text + "; " if text else "") + f"server clock off by {offset:+.0f}s"
+    if item.get("action") and item.get("state") not in ("ok", "refreshing", "retrying"):
+        text = (text + "; " if text else "") + f"run: {item['action']}"
+    return text or "-"
+
+
+def _until(stamp: object, now: Any) -> str:
+    if not isinstance(stamp, str):
+        return "-"
+    from datetime import datetime
+
+    secs = int((datetime.fromisoformat(stamp.replace("Z", "+00:00")) - now).total_seconds())
+    if secs < 0:
+        return f"{_span(-secs)} ago"
+    return _span(secs)
+
+
+def _span(secs: int) -> str:
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    if secs < 172800:
+        return f"{secs // 3600}h"
+    return f"{secs // 86400}d"
+
+
+# ----------------------------------------------------------------------------- admin commands
+
+
+def _daemon_or_direct(
+    args: argparse.Namespace,
+    via_socket: Callable[[str], int],
+    direct: Callable[[Config], int],
+) -> int:
+    """Through the daemon when it runs (its keyring is used), else on the store directly while
+    holding the state directory's lock (so a daemon starting meanwhile cannot race us)."""
+    socket_path = _socket_path(args)
+    try:
+        return via_socket(socket_path)
+    except DaemonUnavailableError as unavailable:
+        if "permission denied" in str(unavailable):
+            raise
+        config = _load_config(args)
+        from tokend.errors import StateLockedError
+        from tokend.store import StateDirLock
+
+        lock = StateDirLock(config.daemon.state_dir)
+        try:
+            lock.acquire()
+        except StateLockedError as exc:
+            raise DaemonUnavailableError(
+                f"tokend runs (state directory locked by PID {exc.pid}) but its socket "
+                f"{socket_path} does not answer"
+            ) from None
+        try:
+            return direct(config)
+        finally:
+            lock.release()
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        print(f"reading {what} from stdin (end with Ctrl-D)", file=sys.stderr)
+    text = sys.stdin.read() if sys.stdin is not None else ""
+    return text
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    text = _read_stdin("an RFC 6749 token response (JSON)")
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        raise ApiError(
+            "bad_request", "stdin is not JSON (expected a token response)", connector=args.name
+        ) from None
+    if not isinstance(fields, dict):
+        raise ApiError("bad_request", "expected a JSON object", connector=args.name)
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        status = request_json(
+            path, "PUT", f"/v1/connectors/{_quote(name)}/grant", fields, connector=name
+        )
+        _say_installed(status)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        _say_installed(offline.install_grant(config, name, fields))
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def _say_installed(status: dict[str, Any]) -> None:
+    print(
+        f"tokend: {status['connector']}: grant installed; state {status['state']}, "
+        f"expires in {status.get('expires_in')}s",
+        file=sys.stderr,
+    )
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    secret = _read_stdin("the client secret").strip("\r\n")
+    if not secret:
+        raise ApiError("bad_request", "empty client secret on stdin", connector=args.name)
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        request_json(
+            path,
+            "PUT",
+            f"/v1/connectors/{_quote(name)}/secret",
+            {"client_secret": secret},
+            connector=name,
+        )
+        print(f"tokend: {name}: client secret stored", file=sys.stderr)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        offline.store_secret(config, name, secret)
+        print(f"tokend: {name}: client secret stored", file=sys.stderr)
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        status = request_json(
+            path, "POST", f"/v1/connectors/{_quote(name)}/refresh", connector=name
+        )
+        _say_refreshed(status)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        _say_refreshed(offline.refresh(config, name))
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def _say_refreshed(status: dict[str, Any]) -> None:
+    print(
+        f"tokend: {status['connector']}: state {status['state']}, "
+        f"expires in {status.get('expires_in')}s",
+        file=sys.stderr,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tokend import offline
+
+    config = _load_config(args)
+    return offline.check(config, socket_path=_socket_path(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    configure_logging(args.verbose)
+    import asyncio
+
+    from tokend.daemon import Daemon
+
+    asyncio.run(Daemon(config).run())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    from tokend.demo import run_demo
+
+    return run_demo(lifetime_s=args.lifetime, duration_s=args.duration)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def configure_logging(verbose: int) -> None:
+    """stderr logging; under systemd (JOURNAL_STREAM set) without timestamps."""
+    import logging
+
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    for noisy in ("httpx", "httpcore", "apscheduler", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokend", description="Keeps OAuth tokens alive for unattended jobs."
+    )
+    parser.add_argument(
+        "--config", help="config file (default: $TOKEND_CONFIG or the standard path)"
+    )
+    parser.add_argument("--socket", help="daemon socket (default: $TOKEND_SOCKET or from config)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    parser.add_argument("--version", action="version", version=f"tokend {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    add(
+        "run",
+        cmd_run,
+        "run the daemon in the foreground (logs to stderr)",
+    )
+    p = add("demo", cmd_demo, "run a self-contained demo against a built-in authorization server")
+    p.add_argument("--lifetime", type=float, default=30.0, help="token lifetime in seconds")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    for name, func, text in (
+        ("token", cmd_token, "print the bare access token"),
+        ("header", cmd_header, "print 'Authorization: Bearer …'"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--min-ttl", metavar="D", help="refresh first if it expires sooner than D")
+    p = add("headers", cmd_headers, 'print {"Authorization": …} for Claude Code headersHelper')
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--min-ttl", metavar="D", help="refresh first if it expires sooner than D")
+    p = add("exec", cmd_exec, "run a command with the token in an environment variable")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--env", default="TOKEND_ACCESS_TOKEN", metavar="VAR")
+    p.add_argument("--min-ttl", metavar="D", help="refresh first if it expires sooner than D")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD …")
+    p = add("status", cmd_status, "show every connector's state")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true")
+    for name, func, text in (
+        ("refresh", cmd_refresh, "refresh a connector now"),
+        ("import", cmd_import, "install a grant: an RFC 6749 token response (JSON) on stdin"),
+        ("secret", cmd_secret, "store the connector's client secret, read from stdin"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("name", metavar="NAME")
+    add("check", cmd_check, "validate config, keyring, socket directory and token endpoints")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage errors exit 2, --help/--version 0
+        return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.USAGE
+    try:
+        return int(args.func(args))
+    except TokendError as exc:
+        _print_error(exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        import logging
+
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"tokend: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return int(ExitCode.INTERNAL)

@@ -1,0 +1,312 @@
+"""Composition root: builds config, store, connectors, scheduler, socket server and notifier; owns
+signals and the start-up and shutdown order.
+
+Start: state-dir lock → keyring probe (fail fast) → saved state → stored grants → socket →
+scheduler (due refreshes run now) → READY. Stop: STOPPING → stop accepting → stop planning →
+await refreshes in flight (bounded, so rotated tokens are persisted) → flush state → unlink socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from tokend import __version__
+from tokend.clock import Clock, SystemClock
+from tokend.config import Config, ConnectorConfig
+from tokend.errors import ApiError, ConfigError, StoreError
+from tokend.model import ConnectorState, Secret, State, TokenSet
+from tokend.notify import Notifier
+from tokend.oauth import OAuthClient, make_http_client
+from tokend.refresher import Connector
+from tokend.scheduler import RefreshScheduler
+from tokend.server import ApiServer, Peer
+from tokend.store import GrantStore, KeyringStore, StateDirLock, StateFile
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 20.0  # SIGTERM waits this long for refreshes in flight to be persisted
+STATE_FLUSH_DELAY_S = 0.5  # state.json is rewritten at most this often
+
+
+class Daemon:
+    """The running daemon; also the `TokenSource` the socket server reads from."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        store: GrantStore | None = None,
+        http: httpx.AsyncClient | None = None,
+        notifier: Notifier | None = None,
+        recheck_s: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._store = store
+        self._http = http
+        self.notifier = notifier or Notifier()
+        self.recheck_s = recheck_s
+        self.connectors: dict[str, Connector] = {}
+        self.stop_event = asyncio.Event()
+        self.ready_event = asyncio.Event()
+        self._lock = StateDirLock(config.daemon.state_dir)
+        self._state_file = StateFile(config.daemon.state_dir / "state.json")
+        self._state_dirty = asyncio.Event()
+        self._started_at = time.monotonic()
+        self._uid = os.getuid()
+        self.server: ApiServer | None = None
+        self.scheduler: RefreshScheduler | None = None
+        self.store_backend = "?"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Run until `stop_event` is set (SIGTERM/SIGINT); raises TokendError if start-up fails."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        self._lock.acquire()
+        try:
+            await self._run_locked()
+        finally:
+            self._lock.release()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    async def _run_locked(self) -> None:
+        store = self._store
+        if store is None:
+            keyring_store = KeyringStore.from_settings(self.config.daemon)
+            await asyncio.to_thread(keyring_store.probe)
+            store = keyring_store
+            self.store_backend = keyring_store.backend_name
+        else:
+            self.store_backend = type(store).__name__
+        logger.info("keyring backend %s", self.store_backend)
+        saved = await asyncio.to_thread(self._state_file.load)
+        http = self._http or make_http_client()
+        oauth = OAuthClient(http, self.clock)
+        self.scheduler = RefreshScheduler(
+            self._run_refresh, self._due, self.clock, recheck_s=self.recheck_s
+        )
+        for name, conn_config in self.config.connectors.items():
+            self.connectors[name] = Connector(
+                conn_config,
+                store=store,
+                oauth=oauth,
+                clock=self.clock,
+                schedule=self._schedule,
+                listener=self._on_change,
+            )
+        flusher: asyncio.Task[None] | None = None
+        try:
+            await asyncio.gather(*(c.start(saved.get(n)) for n, c in self.connectors.items()))
+            self.server = ApiServer(self)
+            await self.server.start(self.config.daemon.socket, group=self._socket_gid())
+            self.scheduler.start()
+            flusher = asyncio.create_task(self._flush_loop(), name="state flush")
+            self.ready_event.set()
+            self.notifier.ready(self.summary())
+            logger.info(
+                "tokend %s ready: %d connectors, socket %s",
+                __version__,
+                len(self.connectors),
+                self.config.daemon.socket,
+            )
+            await self.stop_event.wait()
+            self.notifier.stopping()
+            logger.info("stopping")
+            await self._shutdown()
+        finally:
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            if self.server is not None:
+                await self.server.close()
+            if self.scheduler.running:
+                await self.scheduler.shutdown()
+            await oauth.aclose()
+            if self._http is None:
+                await http.aclose()
+
+    async def _shutdown(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.scheduler is not None:
+            await self.scheduler.shutdown()
+        inflight = [c.wait_idle() for c in self.connectors.values() if c.refresh_in_flight]
+        if inflight:
+            logger.info("waiting for %d refreshes in flight", len(inflight))
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await asyncio.gather(*inflight, return_exceptions=True)
+            except TimeoutError:
+                logger.error("refreshes still in flight after %ds; exiting", SHUTDOWN_GRACE_S)
+        await self._flush_state()
+
+    def _socket_gid(self) -> int | None:
+        group = self.config.daemon.socket_group
+        if group is None:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"daemon.socket_group: no such group {group!r}") from None
+
+    # ----------------------------------------------------------------- scheduling glue
+
+    def _schedule(self, name: str, when: datetime | None) -> None:
+        if self.scheduler is not None:
+            self.scheduler.schedule(name, when)
+
+    async def _run_refresh(self, name: str) -> None:
+        connector = self.connectors.get(name)
+        if connector is not None:
+            await connector.refresh()
+
+    def _due(self, now: datetime) -> Iterable[str]:
+        return [name for name, c in self.connectors.items() if c.is_due(now)]
+
+    def _on_change(self, connector: Connector, old: State) -> None:
+        self._state_dirty.set()
+        if connector.state != old:
+            logger.debug("%s: %s -> %s", connector.name, old.value, connector.state.value)
+            if self.ready_event.is_set():
+                self.notifier.status(self.summary())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._state_dirty.wait()
+            await asyncio.sleep(STATE_FLUSH_DELAY_S)
+            await self._flush_state()
+
+    async def _flush_state(self) -> None:
+        self._state_dirty.clear()
+        states: Mapping[str, ConnectorState] = {n: c.record for n, c in self.connectors.items()}
+        try:
+            await asyncio.to_thread(self._state_file.save, states)
+        except StoreError as exc:
+            logger.warning("state not saved (%s); tokens are unaffected", exc)
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: counts by state and the next refresh."""
+        counts = Counter(c.state.value for c in self.connectors.values())
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda i: -i[1]))
+        nxt = min(
+            (
+                (c.record.next_refresh_at, c.name)
+                for c in self.connectors.values()
+                if c.record.next_refresh_at
+            ),
+            default=None,
+        )
+        text = parts or "no connectors"
+        if nxt is not None:
+            secs = max(0, int((nxt[0] - self.clock.now()).total_seconds()))
+            text += f"; next refresh {nxt[1]} in {_human(secs)}"
+        return text
+
+    # ----------------------------------------------------------------- TokenSource
+
+    def _connector(self, name: str) -> Connector:
+        connector = self.connectors.get(name)
+        if connector is None:
+            raise ApiError(
+                "unknown_connector",
+                f"no connector named {name!r} is configured",
+                connector=name,
+                action="check the name with: tokend status",
+            )
+        return connector
+
+    def has_connector(self, name: str) -> bool:
+        return name in self.connectors
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid in (0, self._uid)
+
+    def is_allowed(self, name: str, peer: Peer) -> bool:
+        if self.is_admin(peer):
+            return True
+        conn: ConnectorConfig | None = self.config.connectors.get(name)
+        if conn is None:
+            return False
+        for rule in conn.allow:
+            if rule.kind == "uid" and peer.uid == rule.id:
+                return True
+            if rule.kind == "gid" and (peer.gid == rule.id or rule.id in peer.groups):
+                return True
+        return False
+
+    async def token(self, name: str, *, min_ttl_s: float) -> TokenSet:
+        return await self._connector(name).lookup(min_ttl_s=min_ttl_s)
+
+    def status(self, name: str) -> dict[str, object]:
+        return self._connector(name).status()
+
+    def statuses(self) -> list[dict[str, object]]:
+        return [c.status() for _, c in sorted(self.connectors.items())]
+
+    async def refresh(self, name: str) -> dict[str, object]:
+        connector = self._connector(name)
+        await connector.force_refresh()
+        return connector.status()
+
+    async def install_grant(self, name: str, body: Mapping[str, object]) -> dict[str, object]:
+        connector = self._connector(name)
+        await connector.install(body)
+        return connector.status()
+
+    async def forget_grant(self, name: str) -> dict[str, object]:
+        connector = self._connector(name)
+        await connector.forget()
+        return connector.status()
+
+    async def store_secret(self, name: str, secret: Secret) -> None:
+        connector = self._connector(name)
+        await asyncio.to_thread(connector.store.save_client_secret, name, secret)
+        logger.info("%s: client secret stored", name)
+        if connector.state is State.REJECTED and connector.token is not None:
+            await connector.refresh(forced=True)
+
+    def health(self) -> dict[str, object]:
+        counts = Counter(c.state.value for c in self.connectors.values())
+        bad = {State.EXPIRED, State.NEEDS_REAUTH, State.REJECTED, State.UNAUTHORIZED}
+        healthy_scheduler = self.scheduler is not None and self.scheduler.running
+        degraded = not healthy_scheduler or any(State(s) in bad for s in counts)
+        return {
+            "status": "degraded" if degraded else "ok",
+            "version": __version__,
+            "uptime_s": int(time.monotonic() - self._started_at),
+            "connectors": dict(sorted(counts.items())),
+            "keyring_backend": self.store_backend,
+            "scheduler": "running" if healthy_scheduler else "stopped",
+            "summary": self.summary(),
+        }
+
+
+def _human(secs: int) -> str:
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    if secs < 172800:
+        return f"{secs // 3600}h"
+    return f"{secs // 86400}d"

@@ -1,0 +1,165 @@
+"""What the admin commands do when no daemon is running: the same connector logic, run once on
+the store directly (the CLI holds the state directory's lock meanwhile), and `tokend check`.
+
+Imported lazily by `cli`, so client commands never pay for httpx or keyring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from tokend.clock import SystemClock
+from tokend.config import Config
+from tokend.errors import ApiError, ExitCode, TokendError, TransientError
+from tokend.model import Secret
+from tokend.oauth import OAuthClient, make_http_client
+from tokend.refresher import Connector
+from tokend.store import KeyringStore, StateFile
+
+
+async def _once(
+    config: Config, name: str, operation: Callable[[Connector], Awaitable[object]]
+) -> dict[str, object]:
+    conn_config = config.connectors.get(name)
+    if conn_config is None:
+        raise ApiError(
+            "unknown_connector",
+            f"no connector named {name!r} in {config.path}",
+            connector=name,
+            action="check the name with: tokend status",
+        )
+    store = KeyringStore.from_settings(config.daemon)
+    state_file = StateFile(config.daemon.state_dir / "state.json")
+    saved = await asyncio.to_thread(state_file.load)
+    async with make_http_client() as http:
+        oauth = OAuthClient(http, SystemClock())
+        connector = Connector(
+            conn_config,
+            store=store,
+            oauth=oauth,
+            clock=SystemClock(),
+            schedule=lambda _name, _when: None,
+            listener=lambda _connector, _old: None,
+        )
+        try:
+            await connector.start(saved.get(name))
+            await operation(connector)
+        finally:
+            saved[name] = connector.record
+            await asyncio.to_thread(state_file.save, saved)
+            await oauth.aclose()
+    return connector.status()
+
+
+def install_grant(config: Config, name: str, fields: Mapping[str, object]) -> dict[str, object]:
+    """Install a grant into the keyring directly; returns the connector's status."""
+    return asyncio.run(_once(config, name, lambda c: c.install(fields)))
+
+
+def refresh(config: Config, name: str) -> dict[str, object]:
+    """Refresh once and persist; raises ApiError when the grant is dead or the refresh failed."""
+
+    async def operation(connector: Connector) -> None:
+        await connector.force_refresh()
+        if connector.record.consecutive_failures:
+            raise TransientError(name, connector.record.last_error or "refresh failed")
+
+    return asyncio.run(_once(config, name, operation))
+
+
+def store_secret(config: Config, name: str, secret: str) -> None:
+    """Store the client secret in the keyring directly."""
+    if name not in config.connectors:
+        raise ApiError("unknown_connector", f"no connector named {name!r}", connector=name)
+    KeyringStore.from_settings(config.daemon).save_client_secret(name, Secret(secret))
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def _line(ok: bool, what: str, detail: str) -> None:
+    sys.stdout.write(f"{'ok  ' if ok else 'FAIL'}  {what:<10} {detail}\n")
+
+
+def check(config: Config, *, socket_path: str) -> int:
+    """Validate config, keyring, socket and state directories and token endpoints, consuming no
+    refresh token. Prints one line per check; returns the first failure's exit code (else 0)."""
+    failures: list[ExitCode] = []
+    _line(True, "config", f"{config.path or '(defaults)'}: {len(config.connectors)} connectors")
+
+    store: KeyringStore | None = None
+    try:
+        store = KeyringStore.from_settings(config.daemon)
+        store.probe()
+        _line(True, "keyring", f"{store.backend_name}: write, read back, delete")
+    except TokendError as exc:
+        _line(False, "keyring", str(exc))
+        failures.append(exc.exit_code)
+
+    from tokend.client import request_json
+    from tokend.errors import DaemonUnavailableError
+
+    try:
+        health = request_json(socket_path, "GET", "/v1/health")
+        _line(True, "daemon", f"{socket_path}: {health.get('status')}: {health.get('summary')}")
+    except DaemonUnavailableError as exc:
+        directory = Path(socket_path).parent
+        usable = _dir_usable(directory)
+        _line(
+            usable,
+            "socket",
+            f"daemon not running ({exc}); {directory}: "
+            + ("usable" if usable else "cannot be created or written"),
+        )
+        if not usable:
+            failures.append(ExitCode.CONFIG)
+
+    state_dir = config.daemon.state_dir
+    usable = _dir_usable(state_dir)
+    _line(usable, "state", f"{state_dir}: {'usable' if usable else 'cannot be created or written'}")
+    if not usable:
+        failures.append(ExitCode.CONFIG)
+
+    results = asyncio.run(_probe_endpoints(config))
+    for name, (ok, detail) in results.items():
+        if store is not None and ok:
+            try:
+                grant = store.load(name)
+                detail += "; grant stored" if grant is not None else "; no grant stored"
+            except TokendError as exc:
+                ok, detail = False, f"{detail}; {exc}"
+        _line(ok, name, detail)
+        if not ok:
+            failures.append(ExitCode.TEMPORARY)
+    return int(failures[0]) if failures else 0
+
+
+def _dir_usable(directory: Path) -> bool:
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
+async def _probe_endpoints(config: Config) -> dict[str, tuple[bool, str]]:
+    results: dict[str, tuple[bool, str]] = {}
+    async with make_http_client(timeout_s=10.0) as http:
+        oauth = OAuthClient(http, SystemClock(), total_timeout_s=10.0)
+
+        async def one(name: str) -> None:
+            conn = config.connectors[name]
+            try:
+                status = await oauth.probe(conn)
+                results[name] = (True, f"token endpoint {conn.token_url} reachable (HTTP {status})")
+            except TokendError as exc:
+                results[name] = (False, str(exc))
+
+        await asyncio.gather(*(one(name) for name in config.connectors))
+        await oauth.aclose()
+    return dict(sorted(results.items()))
