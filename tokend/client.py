@@ -22,9 +22,11 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
+            # Connect in blocking mode: with a timeout set, a full accept queue fails at once
+            # (EAGAIN) instead of waiting its turn.
             sock.connect(self._path)
+            sock.settimeout(self.timeout)
         except BaseException:
             sock.close()
             raise

@@ -53,6 +53,7 @@ class Daemon:
         http: httpx.AsyncClient | None = None,
         notifier: Notifier | None = None,
         recheck_s: float = 30.0,
+        backoff_scale: float = 1.0,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -60,6 +61,7 @@ class Daemon:
         self._http = http
         self.notifier = notifier or Notifier()
         self.recheck_s = recheck_s
+        self.backoff_scale = backoff_scale
         self.connectors: dict[str, Connector] = {}
         self.stop_event = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -113,6 +115,7 @@ class Daemon:
                 clock=self.clock,
                 schedule=self._schedule,
                 listener=self._on_change,
+                backoff_scale=self.backoff_scale,
             )
         flusher: asyncio.Task[None] | None = None
         try:

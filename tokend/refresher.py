@@ -45,7 +45,7 @@ def action_for(name: str, state: State, last_error: str | None = None) -> str | 
     if state is State.UNAUTHORIZED:
         return f"tokend import {name}"
     if state is State.NEEDS_REAUTH:
-        return f"authorize again, then: tokend import {name}"
+        return f"tokend import {name}"
     if state is State.REJECTED:
         if last_error and "client secret" in last_error:
             return f"tokend secret {name}"
@@ -70,6 +70,7 @@ class Connector:
         schedule: Schedule,
         listener: Listener,
         rng: random.Random | None = None,
+        backoff_scale: float = 1.0,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -79,6 +80,7 @@ class Connector:
         self._schedule = schedule
         self._listener = listener
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self._backoff_scale = backoff_scale  # tests shrink the backoff; production keeps 1
         self.token: TokenSet | None = None
         self.record = ConnectorState()
         self._unpersisted: TokenSet | None = None  # refreshed, not yet in the store
@@ -199,14 +201,14 @@ class Connector:
             await self._on_invalid_grant(current, exc)
             return
         except SecretMissingError as exc:
-            self._terminal(State.REJECTED, str(exc))
+            self._terminal(State.REJECTED, self._reason(exc))
             return
         except OAuthError as exc:
-            self._terminal(State.REJECTED, str(exc))
+            self._terminal(State.REJECTED, self._reason(exc))
             return
         except (TransientError, StoreError) as exc:
             retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-            self._transient(current, str(exc), retry_after=retry_after)
+            self._transient(current, self._reason(exc), retry_after=retry_after)
             return
         except Exception:
             # A bug must not stop this connector for good: treat it as transient, loudly.
@@ -239,7 +241,12 @@ class Connector:
             )
             self._adopt(stored)
             return
-        self._terminal(State.NEEDS_REAUTH, str(exc))
+        self._terminal(State.NEEDS_REAUTH, self._reason(exc))
+
+    def _reason(self, exc: BaseException) -> str:
+        text = str(exc)
+        prefix = f"{self.name}: "
+        return text[len(prefix) :] if text.startswith(prefix) else text
 
     def _terminal(self, state: State, reason: str) -> None:
         self._set(state=state, last_error=reason, retry_at=None)
@@ -249,10 +256,13 @@ class Connector:
     def _transient(self, current: TokenSet, reason: str, *, retry_after: float | None) -> None:
         now = self.clock.now()
         failures = self.record.consecutive_failures + 1
-        delay = policy.backoff_delay(failures, draw=self._rng.random(), retry_after=retry_after)
+        delay = self._backoff_scale * policy.backoff_delay(failures, draw=self._rng.random())
+        if retry_after is not None and retry_after > 0:
+            # The server's Retry-After lengthens the wait, never shortens it (RFC 9110 §10.2.3).
+            delay = max(delay, min(retry_after, policy.MAX_RETRY_AFTER_S))
         retry_at = now + timedelta(seconds=delay)
-        serving = policy.may_serve(current, now=now)
-        state = State.RETRYING if serving else State.EXPIRED
+        state = policy.state_after_failure(current, now=now)
+        serving = state is State.RETRYING
         self._set(state=state, consecutive_failures=failures, last_error=reason, retry_at=retry_at)
         self._schedule_at(retry_at)
         logger.warning(
@@ -278,7 +288,8 @@ class Connector:
                 self._adopt(stored)
             return
         except StoreError as exc:
-            self._persist_failed(new, str(exc))
+            # Remember which stored generation the unpersisted set descends from.
+            self._persist_failed(new.with_generation(current.generation), self._reason(exc))
             return
         self._unpersisted = None
         self._persist_failures = 0
@@ -289,7 +300,9 @@ class Connector:
         self._unpersisted = new
         self.token = new
         self._persist_failures += 1
-        delay = policy.backoff_delay(self._persist_failures, draw=self._rng.random())
+        delay = self._backoff_scale * policy.backoff_delay(
+            self._persist_failures, draw=self._rng.random()
+        )
         now = self.clock.now()
         when = min(now + timedelta(seconds=delay), self._planned_refresh(new))
         self._set(
@@ -320,7 +333,7 @@ class Connector:
             due = self.clock.now() >= self._planned_refresh(pending)
             if due or forced:
                 return False  # refresh from memory; the write is retried with the next set
-            self._persist_failed(pending, str(exc))
+            self._persist_failed(pending, self._reason(exc))
             return True
         logger.info(
             "%s: keyring write succeeded after %d failures", self.name, self._persist_failures

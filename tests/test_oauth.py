@@ -1,0 +1,1094 @@
+"""Tests for tokend.oauth: refresh request building, response parsing, and OAuthClient over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import ipaddress
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote_plus
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tokend import __version__
+from tokend.authserver import AuthServer
+from tokend.config import ConnectorConfig
+from tokend.errors import (
+    InvalidGrantError,
+    OAuthError,
+    SecretMissingError,
+    TransientError,
+)
+from tokend.model import Secret, TokenSet
+from tokend.oauth import (
+    MAX_BODY_BYTES,
+    MAX_EXPIRES_IN_S,
+    OAuthClient,
+    RefreshResult,
+    build_refresh_request,
+    check_token_url,
+    make_http_client,
+    parse_token_response,
+    server_clock_offset,
+    token_set_from_fields,
+)
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+# Recognisable values: the canary tests assert they never reach a message.
+OLD_ACCESS = "at-CANARY-old-access-7f3a9e"
+OLD_REFRESH = "rt-CANARY-old-refresh-91c2d4"
+NEW_ACCESS = "at-CANARY-new-access-55b0e1"
+NEW_REFRESH = "rt-CANARY-new-refresh-0d6f38"
+CLIENT_SECRET = "cs-CANARY-client-secret-a1b2"
+PREVIOUS = TokenSet(
+    access_token=Secret(OLD_ACCESS),
+    refresh_token=Secret(OLD_REFRESH),
+    scope="repo offline_access",
+    obtained_at=T0 - HOUR,
+    expires_at=T0,
+    generation=4,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def connector(**changes: Any) -> ConnectorConfig:
+    base = ConnectorConfig(
+        name="github", token_url="https://auth.example.com/oauth/token", client_id="abc123"
+    )
+    return replace(base, **changes)
+
+
+def form_of(request: httpx.Request) -> dict[str, list[str]]:
+    return parse_qs(request.content.decode(), keep_blank_values=True)
+
+
+def parse(response: httpx.Response, previous: TokenSet | None = PREVIOUS, **kw: Any) -> TokenSet:
+    return parse_token_response(
+        response, connector="github", obtained_at=T0, previous=previous, default_lifetime=HOUR, **kw
+    )
+
+
+def ok_body(**changes: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "access_token": NEW_ACCESS,
+        "token_type": "Bearer",
+        "expires_in": 3600,
+        "refresh_token": NEW_REFRESH,
+        "scope": "repo",
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not _OMIT}
+
+
+_OMIT = object()
+
+
+# -- check_token_url -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://auth.example.com/token",
+        "http://127.0.0.1:8080/token",
+        "http://127.9.9.9/token",
+        "http://localhost/token",
+        "http://LOCALHOST:1/token",
+        "http://[::1]:8080/token",
+    ],
+)
+def test_check_token_url_accepts_https_and_loopback_http(url: str) -> None:
+    """https anywhere and plain http to a loopback host are allowed."""
+    check_token_url(url, connector="github")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://auth.example.com/token",
+        "http://10.0.0.1/token",
+        "ftp://auth.example.com/token",
+        "https:///token",
+        "not a url",
+        "https://auth.example.com:port/token",
+    ],
+)
+def test_check_token_url_refuses_plain_http_and_junk(url: str) -> None:
+    """Plain http to a remote host, other schemes and unparseable URLs are refused."""
+    with pytest.raises(OAuthError) as info:
+        check_token_url(url, connector="github")
+    assert info.value.error == "insecure_token_url"
+    assert info.value.connector == "github"
+
+
+# -- build_refresh_request -------------------------------------------------------------------
+
+
+def test_build_basic_auth_form_urlencodes_id_and_secret() -> None:
+    """client_secret_basic form-urlencodes id and secret (':' and non-ASCII) before base64."""
+    conn = connector(client_id="my:client id", client_auth="client_secret_basic")
+    request = build_refresh_request(conn, Secret(OLD_REFRESH), Secret("sé:cret+/x"))
+    scheme, _, encoded = request.headers["Authorization"].partition(" ")
+    assert scheme == "Basic"
+    decoded = base64.b64decode(encoded).decode("ascii")
+    assert decoded == "my%3Aclient+id:s%C3%A9%3Acret%2B%2Fx"
+    raw_id, _, raw_secret = decoded.partition(":")
+    assert (unquote_plus(raw_id), unquote_plus(raw_secret)) == ("my:client id", "sé:cret+/x")
+    form = form_of(request)
+    assert form == {"grant_type": ["refresh_token"], "refresh_token": [OLD_REFRESH]}
+
+
+def test_build_request_method_url_and_headers() -> None:
+    """The refresh is a form POST to token_url accepting JSON, with a tokend User-Agent."""
+    request = build_refresh_request(connector(), Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+    assert request.method == "POST"
+    assert str(request.url) == "https://auth.example.com/oauth/token"
+    assert request.headers["Accept"] == "application/json"
+    assert request.headers["User-Agent"] == f"tokend/{__version__}"
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_build_client_secret_post_puts_credentials_in_the_body() -> None:
+    """client_secret_post sends client_id and client_secret in the form, no Authorization."""
+    conn = connector(client_auth="client_secret_post")
+    request = build_refresh_request(conn, Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+    assert "Authorization" not in request.headers
+    form = form_of(request)
+    assert form["client_id"] == ["abc123"]
+    assert form["client_secret"] == [CLIENT_SECRET]
+    assert form["grant_type"] == ["refresh_token"]
+
+
+def test_build_public_client_sends_only_client_id() -> None:
+    """client_auth none sends client_id in the form and no secret, even if one is stored."""
+    conn = connector(client_auth="none")
+    for secret in (None, Secret(CLIENT_SECRET)):
+        request = build_refresh_request(conn, Secret(OLD_REFRESH), secret)
+        assert "Authorization" not in request.headers
+        form = form_of(request)
+        assert form["client_id"] == ["abc123"]
+        assert "client_secret" not in form
+
+
+def test_build_sends_resource_only_when_configured() -> None:
+    """`resource` (RFC 8707) is in the form when configured, absent otherwise."""
+    with_resource = connector(resource="https://mcp.example.com/mcp")
+    request = build_refresh_request(with_resource, Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+    assert form_of(request)["resource"] == ["https://mcp.example.com/mcp"]
+    request = build_refresh_request(connector(), Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+    assert "resource" not in form_of(request)
+
+
+def test_build_never_sends_scope() -> None:
+    """A configured scope is not sent on refresh: the grant keeps its original scope (§6)."""
+    conn = connector(scope="repo offline_access", client_auth="client_secret_post")
+    request = build_refresh_request(conn, Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+    assert "scope" not in form_of(request)
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+def test_build_confidential_client_without_secret(method: str) -> None:
+    """A confidential client without a stored secret raises SecretMissingError naming the fix."""
+    with pytest.raises(SecretMissingError, match=r"github.*tokend secret github"):
+        build_refresh_request(connector(client_auth=method), Secret(OLD_REFRESH), None)
+
+
+def test_build_refuses_plain_http_remote_endpoint() -> None:
+    """Defence in depth: no grant is built for plain http to a remote host."""
+    conn = connector(token_url="http://auth.example.com/token")
+    with pytest.raises(OAuthError, match="insecure_token_url"):
+        build_refresh_request(conn, Secret(OLD_REFRESH), Secret(CLIENT_SECRET))
+
+
+# -- parse_token_response: success ----------------------------------------------------------
+
+
+def test_parse_full_success() -> None:
+    """A complete 200 response becomes a TokenSet with expires_at = obtained_at + expires_in."""
+    tok = parse(httpx.Response(200, json=ok_body()))
+    assert tok.access_token.reveal() == NEW_ACCESS
+    assert tok.refresh_token is not None
+    assert tok.refresh_token.reveal() == NEW_REFRESH
+    assert tok.token_type == "Bearer"
+    assert tok.scope == "repo"
+    assert tok.obtained_at == T0
+    assert tok.expires_at == T0 + HOUR
+    assert not tok.lifetime_assumed
+    assert tok.generation == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (3600, 3600.0),
+        ("3600", 3600.0),
+        (" 3600 ", 3600.0),
+        (1799.5, 1799.5),
+        ("1799.5", 1799.5),
+        (1, 1.0),
+    ],
+)
+def test_parse_expires_in_numbers_and_numeric_strings(value: object, seconds: float) -> None:
+    """expires_in may be an int, a float or a numeric string."""
+    tok = parse(httpx.Response(200, json=ok_body(expires_in=value)))
+    assert tok.expires_at == T0 + timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("raw", [b"1" + b"0" * 400, b"99999999999999"])
+def test_parse_absurd_expires_in_is_capped(raw: bytes) -> None:
+    """An absurdly large expires_in is read as ten years instead of overflowing."""
+    body = b'{"access_token": "x", "token_type": "bearer", "expires_in": ' + raw + b"}"
+    tok = parse(httpx.Response(200, content=body))
+    assert tok.expires_at == T0 + timedelta(seconds=MAX_EXPIRES_IN_S)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "", "1e3", "inf", "NaN", "-5", 0, -5, 0.0, True, False, [3600], {"s": 1}],
+)
+def test_parse_bad_expires_in_is_transient(value: object) -> None:
+    """Non-numeric, non-positive or boolean expires_in is transient garbage."""
+    with pytest.raises(TransientError, match="expires_in"):
+        parse(httpx.Response(200, json=ok_body(expires_in=value)))
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_parse_non_finite_expires_in_is_transient(literal: bytes) -> None:
+    """NaN and infinite expires_in (which Python's JSON reader accepts) are transient garbage."""
+    body = b'{"access_token": "x", "expires_in": ' + literal + b"}"
+    with pytest.raises(TransientError, match="expires_in"):
+        parse(httpx.Response(200, content=body))
+
+
+@pytest.mark.parametrize("value", [_OMIT, None])
+def test_parse_missing_expires_in_assumes_default_lifetime(value: object) -> None:
+    """Without expires_in the default lifetime is used and flagged as assumed."""
+    tok = parse(httpx.Response(200, json=ok_body(expires_in=value)))
+    assert tok.expires_at == T0 + HOUR
+    assert tok.lifetime_assumed
+
+
+@pytest.mark.parametrize("value", [_OMIT, None, ""])
+def test_parse_missing_refresh_token_keeps_previous(value: object) -> None:
+    """An omitted (or null or empty) refresh_token keeps the previous one (RFC 6749 §6)."""
+    tok = parse(httpx.Response(200, json=ok_body(refresh_token=value)))
+    assert tok.refresh_token is not None
+    assert tok.refresh_token.reveal() == OLD_REFRESH
+
+
+def test_parse_missing_refresh_token_without_previous_is_none() -> None:
+    """Without a previous token set an omitted refresh_token stays None."""
+    tok = parse(httpx.Response(200, json=ok_body(refresh_token=_OMIT)), previous=None)
+    assert tok.refresh_token is None
+
+
+def test_parse_malformed_refresh_token_is_transient() -> None:
+    """A refresh_token that is not a string is transient garbage."""
+    with pytest.raises(TransientError, match="refresh_token"):
+        parse(httpx.Response(200, json=ok_body(refresh_token=12345)))
+
+
+@pytest.mark.parametrize("value", [_OMIT, None])
+def test_parse_missing_scope_keeps_previous(value: object) -> None:
+    """An omitted scope keeps the previous one; without a previous set it is None."""
+    tok = parse(httpx.Response(200, json=ok_body(scope=value)))
+    assert tok.scope == "repo offline_access"
+    tok = parse(httpx.Response(200, json=ok_body(scope=value)), previous=None)
+    assert tok.scope is None
+
+
+def test_parse_scope_array_is_joined() -> None:
+    """A non-standard scope array is joined with spaces."""
+    tok = parse(httpx.Response(200, json=ok_body(scope=["repo", "user"])))
+    assert tok.scope == "repo user"
+
+
+@pytest.mark.parametrize("value", [5, ["repo", 5], {"a": 1}])
+def test_parse_malformed_scope_is_transient(value: object) -> None:
+    """A scope that is neither a string nor a list of strings is transient garbage."""
+    with pytest.raises(TransientError, match="scope"):
+        parse(httpx.Response(200, json=ok_body(scope=value)))
+
+
+@pytest.mark.parametrize("value", ["bearer", "BEARER", "Bearer", "bEaReR", _OMIT, None])
+def test_parse_token_type_bearer_case_insensitive(value: object) -> None:
+    """token_type is compared case-insensitively and normalised; a missing one means Bearer."""
+    assert parse(httpx.Response(200, json=ok_body(token_type=value))).token_type == "Bearer"
+
+
+@pytest.mark.parametrize("value", ["mac", "DPoP", "N_A"])
+def test_parse_non_bearer_token_type_is_rejected(value: str) -> None:
+    """A token_type other than Bearer is a provider mismatch: OAuthError unsupported_token_type."""
+    with pytest.raises(OAuthError) as info:
+        parse(httpx.Response(200, json=ok_body(token_type=value)))
+    assert info.value.error == "unsupported_token_type"
+    assert not isinstance(info.value, InvalidGrantError)
+
+
+def test_parse_malformed_token_type_is_transient() -> None:
+    """A token_type that is not a string is transient garbage."""
+    with pytest.raises(TransientError, match="token_type"):
+        parse(httpx.Response(200, json=ok_body(token_type=1)))
+
+
+@pytest.mark.parametrize("value", [_OMIT, None, "", 42])
+def test_parse_missing_access_token_is_transient(value: object) -> None:
+    """A 2xx without a non-empty string access_token is transient garbage."""
+    with pytest.raises(TransientError, match="no access_token"):
+        parse(httpx.Response(200, json=ok_body(access_token=value)))
+
+
+def test_parse_token_with_unrelated_error_field_succeeds() -> None:
+    """A 2xx carrying both an access_token and a stray `error` field is a success."""
+    tok = parse(httpx.Response(200, json=ok_body(error="none")))
+    assert tok.access_token.reveal() == NEW_ACCESS
+
+
+def test_token_set_from_fields_for_import() -> None:
+    """token_set_from_fields takes a pasted token response without a previous set (import)."""
+    data = {"access_token": NEW_ACCESS, "token_type": "bearer"}
+    tok = token_set_from_fields(
+        data, connector="github", obtained_at=T0, previous=None, default_lifetime=HOUR
+    )
+    assert tok.refresh_token is None
+    assert tok.scope is None
+    assert tok.lifetime_assumed
+    assert tok.expires_at == T0 + HOUR
+
+
+# -- parse_token_response: errors ------------------------------------------------------------
+
+
+def test_parse_invalid_grant() -> None:
+    """400 invalid_grant raises InvalidGrantError with status and description."""
+    body = {"error": "invalid_grant", "error_description": "refresh token expired"}
+    with pytest.raises(InvalidGrantError) as info:
+        parse(httpx.Response(400, json=body))
+    assert info.value.error == "invalid_grant"
+    assert info.value.description == "refresh token expired"
+    assert info.value.status == 400
+    assert info.value.connector == "github"
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (401, "invalid_client"),
+        (400, "invalid_client"),
+        (400, "unauthorized_client"),
+        (400, "unsupported_grant_type"),
+        (400, "invalid_scope"),
+        (400, "invalid_request"),
+        (403, "unauthorized_client"),
+    ],
+)
+def test_parse_terminal_client_errors(status: int, code: str) -> None:
+    """Client and request errors raise OAuthError (terminal: rejected), not InvalidGrantError."""
+    with pytest.raises(OAuthError) as info:
+        parse(httpx.Response(status, json={"error": code}))
+    assert type(info.value) is OAuthError
+    assert info.value.error == code
+    assert info.value.description is None
+    assert info.value.status == status
+
+
+def test_parse_unknown_4xx_error_code_is_transient() -> None:
+    """An unknown error code is retried with backoff rather than declared terminal."""
+    body = {"error": "temporarily_unavailable", "error_description": "try later"}
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(400, json=body))
+    assert "temporarily_unavailable" in str(info.value)
+    assert "try later" in str(info.value)
+
+
+def test_parse_2xx_error_body_is_classified() -> None:
+    """An error sent with status 200 (GitHub style) is classified like a 4xx one."""
+    with pytest.raises(InvalidGrantError) as info:
+        parse(httpx.Response(200, json={"error": "bad_refresh_token"}))
+    assert info.value.status == 200
+    with pytest.raises(OAuthError, match="invalid_client"):
+        parse(httpx.Response(200, json={"error": "invalid_client"}))
+
+
+@pytest.mark.parametrize("body", [{"message": "nope"}, {"error": 7}, {"error": None}])
+def test_parse_4xx_without_oauth_error_is_transient(body: dict[str, object]) -> None:
+    """A 4xx JSON object without a string `error` is transient, naming the status."""
+    with pytest.raises(TransientError, match="HTTP 403 without an OAuth error"):
+        parse(httpx.Response(403, json=body))
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_parse_429_and_5xx_are_transient(status: int) -> None:
+    """429 and 5xx are transient whatever their body, even one naming invalid_grant."""
+    with pytest.raises(TransientError, match=f"HTTP {status}") as info:
+        parse(httpx.Response(status, json={"error": "invalid_grant"}))
+    assert info.value.retry_after is None
+
+
+def test_parse_5xx_html_is_transient() -> None:
+    """A 5xx HTML page is transient and its body is not quoted."""
+    page = b"<html><h1>Bad Gateway</h1></html>"
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(502, content=page, headers={"Content-Type": "text/html"}))
+    assert str(info.value) == "github: token endpoint answered HTTP 502"
+
+
+def test_parse_retry_after_delta_seconds() -> None:
+    """Retry-After in delta-seconds is carried on the TransientError."""
+    response = httpx.Response(429, json={"error": "slow_down"}, headers={"Retry-After": "120"})
+    with pytest.raises(TransientError, match="slow_down") as info:
+        parse(response)
+    assert info.value.retry_after == 120.0
+
+
+def test_parse_retry_after_http_date_against_date_header() -> None:
+    """A Retry-After HTTP-date counts from the response's Date header (immune to clock skew)."""
+    server_now = T0 + timedelta(hours=3)  # the server's clock is 3 h off; the delay is not
+    headers = {
+        "Date": format_datetime(server_now, usegmt=True),
+        "Retry-After": format_datetime(server_now + timedelta(seconds=90), usegmt=True),
+    }
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(503, headers=headers))
+    assert info.value.retry_after == 90.0
+
+
+def test_parse_retry_after_http_date_against_received_at() -> None:
+    """Without a Date header a Retry-After date counts from received_at; past dates give 0."""
+    received = T0 + timedelta(seconds=2)
+    later = {"Retry-After": format_datetime(received + timedelta(seconds=30), usegmt=True)}
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(503, headers=later), received_at=received)
+    assert info.value.retry_after == 30.0
+    past = {"Retry-After": format_datetime(T0 - HOUR, usegmt=True)}
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(503, headers=past))
+    assert info.value.retry_after == 0.0
+
+
+@pytest.mark.parametrize("value", [b"soon", b"-5", b"1.5", "٣".encode(), b""])
+def test_parse_garbage_retry_after_is_ignored(value: bytes) -> None:
+    """An unparseable Retry-After is ignored (None), not an error of its own."""
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(503, headers=[(b"Retry-After", value)]))
+    assert info.value.retry_after is None
+
+
+def test_parse_retry_after_on_unknown_4xx_error() -> None:
+    """Retry-After also rides on a transient unknown 4xx error."""
+    headers = {"Retry-After": "15"}
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(400, json={"error": "slow_down"}, headers=headers))
+    assert info.value.retry_after == 15.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_parse_redirect_is_transient(status: int) -> None:
+    """A redirect from the token endpoint is transient and not followed."""
+    response = httpx.Response(status, headers={"Location": "https://evil.example/?code=x"})
+    with pytest.raises(TransientError, match="unexpected redirect") as info:
+        parse(response)
+    assert "evil" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "content"),
+    [
+        (200, b"<html>sign in</html>"),
+        (200, b'{"access_token": "at_'),
+        (200, b'["access_token"]'),
+        (200, b'"a string"'),
+        (200, b"\xff\xfe\xfa\xfb"),
+        (200, b"[" * 200_000),
+        (200, b'{"expires_in": ' + b"9" * 5000 + b"}"),
+        (200, b""),
+        (404, b"Not Found"),
+        (400, b"Bad Request"),
+        (401, b""),
+    ],
+)
+def test_parse_unparseable_body_is_transient(status: int, content: bytes) -> None:
+    """A non-JSON, truncated or non-object body is transient, naming the status only."""
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(status, content=content))
+    assert str(info.value) == (
+        f"github: unparseable response (HTTP {status}) from the token endpoint"
+    )
+
+
+def test_parse_description_is_sanitised_and_truncated() -> None:
+    """error_description loses control characters and is cut to about 200 characters."""
+    description = "line one\nline two\x1b[31m red\x00" + "x" * 1000
+    with pytest.raises(InvalidGrantError) as info:
+        parse(
+            httpx.Response(400, json={"error": "invalid_grant", "error_description": description})
+        )
+    quoted = info.value.description
+    assert quoted is not None
+    assert quoted.startswith("line one line two [31m red")
+    assert len(quoted) == 200
+    assert quoted.endswith("…")
+    assert not any(ord(ch) < 32 for ch in str(info.value))
+
+
+def test_parse_error_code_is_sanitised() -> None:
+    """A hostile `error` code is sanitised and truncated like a description."""
+    with pytest.raises(TransientError) as info:
+        parse(httpx.Response(400, json={"error": "weird\r\nX-Injected: 1" + "y" * 100}))
+    assert "\n" not in str(info.value)
+    assert "y" * 70 not in str(info.value)
+
+
+def test_canary_no_token_in_parser_messages() -> None:
+    """Parser messages never contain a token, even when the body echoes them everywhere."""
+    secrets = (OLD_ACCESS, OLD_REFRESH, NEW_ACCESS, NEW_REFRESH)
+    # The provider's own `error`/`error_description` are quoted, so they can echo only what the
+    # parser knows to mask (the previous tokens); the new ones ride in fields never quoted.
+    known = f"{OLD_ACCESS} and {OLD_REFRESH}"
+    every = " ".join(secrets)
+    responses = [
+        httpx.Response(400, json={"error": "invalid_grant", "error_description": known}),
+        httpx.Response(400, json={"error": OLD_REFRESH, "error_description": known}),
+        httpx.Response(401, json={"error": "invalid_client", "hint": every}),
+        httpx.Response(400, json={"error": "odd_code", "error_description": known, "x": every}),
+        httpx.Response(503, json={"error": OLD_ACCESS, "error_description": known, "x": every}),
+        httpx.Response(200, json=ok_body(expires_in="never", note=every)),
+        httpx.Response(200, json=ok_body(token_type="mac", note=every)),
+        httpx.Response(200, json=ok_body(refresh_token=[NEW_REFRESH])),
+        httpx.Response(200, json=ok_body(access_token=_OMIT, note=every)),
+        httpx.Response(200, content=every.encode()),
+        httpx.Response(403, json={"detail": every}),
+    ]
+    for response in responses:
+        with pytest.raises((TransientError, OAuthError)) as info:
+            parse(response)
+        text = f"{info.value} {info.value!r} {vars(info.value)}"
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_parse_masking_tolerates_empty_and_missing_previous_tokens() -> None:
+    """A previous set with an empty access token and no refresh token masks nothing by mistake."""
+    previous = replace(PREVIOUS, access_token=Secret(""), refresh_token=None)
+    body = {"error": "invalid_grant", "error_description": "grant expired"}
+    with pytest.raises(InvalidGrantError) as info:
+        parse(httpx.Response(400, json=body), previous=previous)
+    assert info.value.description == "grant expired"
+
+
+# -- server_clock_offset ---------------------------------------------------------------------
+
+
+def test_server_clock_offset() -> None:
+    """The Date header gives the server's clock offset; absent or garbage gives None."""
+    ahead = httpx.Response(200, headers={"Date": format_datetime(T0 + timedelta(seconds=5), True)})
+    assert server_clock_offset(ahead, received_at=T0) == 5.0
+    behind = httpx.Response(200, headers={"Date": "Sat, 01 Mar 2025 11:59:00 -0000"})
+    assert server_clock_offset(behind, received_at=T0) == -60.0
+    assert server_clock_offset(httpx.Response(200), received_at=T0) is None
+    garbage = httpx.Response(200, headers={"Date": "yesterday-ish"})
+    assert server_clock_offset(garbage, received_at=T0) is None
+
+
+# -- OAuthClient over real loopback HTTP -----------------------------------------------------
+
+
+class WallClock:
+    """The real wall clock, recording every reading."""
+
+    def __init__(self) -> None:
+        self.readings: list[datetime] = []
+
+    def now(self) -> datetime:
+        moment = datetime.now(UTC)
+        self.readings.append(moment)
+        return moment
+
+    def monotonic(self) -> float:
+        return 0.0
+
+
+@pytest.fixture
+def auth() -> Iterator[AuthServer]:
+    clients = {"conf": CLIENT_SECRET, "public": None}
+    server = AuthServer(lifetime_s=60, clients=clients).start()
+    yield server
+    server.stop()
+
+
+def grant_of(server: AuthServer, client_id: str = "conf") -> TokenSet:
+    return token_set_from_fields(
+        server.issue_grant(client_id),
+        connector="demo",
+        obtained_at=datetime.now(UTC),
+        previous=None,
+        default_lifetime=HOUR,
+    )
+
+
+def demo_conn(url: str, **changes: Any) -> ConnectorConfig:
+    base = ConnectorConfig(name="demo", token_url=url, client_id="conf")
+    return replace(base, **changes)
+
+
+def assert_no_secrets(exc: BaseException) -> None:
+    text = f"{exc} {exc!r} {vars(exc)}"
+    for secret in (OLD_ACCESS, OLD_REFRESH, CLIENT_SECRET):
+        assert secret not in text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("client_id", "method", "secret"),
+    [
+        ("conf", "client_secret_basic", Secret(CLIENT_SECRET)),
+        ("conf", "client_secret_post", Secret(CLIENT_SECRET)),
+        ("public", "none", None),
+    ],
+)
+async def test_refresh_end_to_end(
+    auth: AuthServer, client_id: str, method: str, secret: Secret | None
+) -> None:
+    """A refresh over HTTP rotates the refresh token and yields an access token the server takes."""
+    current = grant_of(auth, client_id)
+    conn = demo_conn(auth.token_url, client_id=client_id, client_auth=method, scope="demo")
+    async with make_http_client() as http:
+        result = await OAuthClient(http, WallClock()).refresh(conn, current, secret)
+    assert isinstance(result, RefreshResult)
+    new = result.token
+    assert auth.is_valid_access_token(new.access_token.reveal())
+    assert new.refresh_token is not None
+    assert current.refresh_token is not None
+    assert new.refresh_token.reveal() != current.refresh_token.reveal()
+    assert new.lifetime == timedelta(seconds=60)
+    assert new.scope == "demo offline_access"
+    assert result.clock_offset_s is not None
+    assert abs(result.clock_offset_s) < 30
+    [recorded] = auth.requests
+    assert recorded.outcome == "ok"
+    assert "scope" not in recorded.form
+    assert recorded.headers["user-agent"] == f"tokend/{__version__}"
+
+
+@pytest.mark.anyio
+async def test_refresh_keeps_refresh_token_the_server_omits(auth: AuthServer) -> None:
+    """A refresh answer without refresh_token or scope keeps the current ones."""
+    current = grant_of(auth)
+    auth.fail_next("omit_refresh_token")
+    auth.fail_next("omit_scope")
+    conn = demo_conn(auth.token_url)
+    async with make_http_client() as http:
+        client = OAuthClient(http, WallClock())
+        first = (await client.refresh(conn, current, Secret(CLIENT_SECRET))).token
+        second = (await client.refresh(conn, first, Secret(CLIENT_SECRET))).token
+    assert first.refresh_token == current.refresh_token
+    assert second.scope == current.scope
+    assert second.refresh_token != first.refresh_token
+
+
+@pytest.mark.anyio
+async def test_refresh_stamps_obtained_at_before_sending(auth: AuthServer) -> None:
+    """obtained_at is read before the request leaves, so a slow server shortens the lifetime."""
+    current = grant_of(auth)
+    auth.fail_next("slow", delay_s=0.5)
+    clock = WallClock()
+    async with make_http_client() as http:
+        result = await OAuthClient(http, clock).refresh(
+            demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+        )
+    [recorded] = auth.requests
+    token = result.token
+    # The server saw the request after obtained_at was stamped, and answered 0.5 s later.
+    assert token.obtained_at == clock.readings[0]
+    assert token.obtained_at <= recorded.at
+    assert token.expires_at == token.obtained_at + timedelta(seconds=60)
+    assert token.expires_at <= recorded.at + timedelta(seconds=60)
+    assert clock.readings[1] - token.obtained_at >= timedelta(seconds=0.5)
+
+
+@pytest.mark.anyio
+async def test_refresh_reports_server_clock_offset() -> None:
+    """RefreshResult carries how far the server's Date header is ahead of our clock."""
+    with AuthServer(lifetime_s=60, date_offset_s=300) as auth:
+        current = grant_of(auth, "tokend-demo")
+        conn = demo_conn(auth.token_url, client_id="tokend-demo", client_auth="none")
+        async with make_http_client() as http:
+            result = await OAuthClient(http, WallClock()).refresh(conn, current, None)
+    assert result.clock_offset_s is not None
+    assert 270 < result.clock_offset_s < 330
+
+
+@pytest.mark.anyio
+async def test_refresh_invalid_grant(auth: AuthServer) -> None:
+    """invalid_grant over HTTP raises InvalidGrantError."""
+    current = grant_of(auth)
+    auth.fail_next("invalid_grant", description="revoked by admin")
+    async with make_http_client() as http:
+        with pytest.raises(InvalidGrantError) as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+            )
+    assert info.value.description == "revoked by admin"
+
+
+@pytest.mark.anyio
+async def test_refresh_wrong_client_secret_is_rejected(auth: AuthServer) -> None:
+    """A wrong client secret gets invalid_client: terminal OAuthError, not transient."""
+    current = grant_of(auth)
+    async with make_http_client() as http:
+        with pytest.raises(OAuthError) as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret("wrong")
+            )
+    assert info.value.error == "invalid_client"
+    assert info.value.status == 401
+
+
+@pytest.mark.anyio
+async def test_refresh_429_carries_retry_after(auth: AuthServer) -> None:
+    """429 with Retry-After over HTTP raises TransientError with retry_after."""
+    current = grant_of(auth)
+    auth.fail_next("429", retry_after=7)
+    async with make_http_client() as http:
+        with pytest.raises(TransientError) as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+            )
+    assert info.value.retry_after == 7.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "params", "match"),
+    [
+        ("reset", {}, "cannot reach the token endpoint 127.0.0.1"),
+        ("500", {"body": "html"}, "HTTP 500"),
+        ("garbage", {}, "unparseable response"),
+        ("bad_expires_in", {"value": -1}, "expires_in"),
+    ],
+)
+async def test_refresh_transient_faults(
+    auth: AuthServer, kind: str, params: dict[str, Any], match: str
+) -> None:
+    """Resets, 5xx pages and garbage bodies are transient, and their messages hold no secret."""
+    current = grant_of(auth)
+    auth.fail_next(kind, **params)
+    async with make_http_client() as http:
+        with pytest.raises(TransientError, match=match) as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+            )
+    assert_no_secrets(info.value)
+    assert current.refresh_token is not None
+    assert current.refresh_token.reveal() not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_refresh_connection_refused(auth: AuthServer) -> None:
+    """A refused connection is a transient error naming the host only."""
+    current = grant_of(auth)
+    auth.go_down()
+    async with make_http_client() as http:
+        with pytest.raises(TransientError, match="ConnectError") as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url + "?tenant=x"), current, Secret(CLIENT_SECRET)
+            )
+    assert "tenant" not in str(info.value)
+    assert_no_secrets(info.value)
+
+
+@pytest.mark.anyio
+async def test_refresh_total_timeout(auth: AuthServer) -> None:
+    """A hanging endpoint hits the total timeout and is transient."""
+    current = grant_of(auth)
+    auth.fail_next("hang", delay_s=5)
+    async with make_http_client() as http:
+        client = OAuthClient(http, WallClock(), total_timeout_s=0.3)
+        with pytest.raises(TransientError, match=r"timed out after 0\.3s"):
+            await client.refresh(demo_conn(auth.token_url), current, Secret(CLIENT_SECRET))
+
+
+@pytest.mark.anyio
+async def test_refresh_read_timeout(auth: AuthServer) -> None:
+    """httpx's own read timeout is transient too."""
+    current = grant_of(auth)
+    auth.fail_next("hang", delay_s=5)
+    async with make_http_client(timeout_s=0.3) as http:
+        with pytest.raises(TransientError, match="ReadTimeout") as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+            )
+    assert_no_secrets(info.value)
+
+
+@pytest.mark.anyio
+async def test_refresh_without_refresh_token_sends_nothing(auth: AuthServer) -> None:
+    """A grant without a refresh token raises InvalidGrantError(no_refresh_token), no request."""
+    current = replace(grant_of(auth), refresh_token=None)
+    async with make_http_client() as http:
+        with pytest.raises(InvalidGrantError, match="no_refresh_token") as info:
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), current, Secret(CLIENT_SECRET)
+            )
+    assert "tokend login demo" in str(info.value)
+    assert auth.token_calls == 0
+
+
+@pytest.mark.anyio
+async def test_refresh_without_client_secret_sends_nothing(auth: AuthServer) -> None:
+    """A confidential client without its secret raises SecretMissingError before sending."""
+    async with make_http_client() as http:
+        with pytest.raises(SecretMissingError):
+            await OAuthClient(http, WallClock()).refresh(
+                demo_conn(auth.token_url), grant_of(auth), None
+            )
+    assert auth.token_calls == 0
+
+
+# -- a scripted server for what AuthServer does not do: redirects, huge or gzip bodies, TLS ---
+
+
+class _ScriptedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.routes: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {}
+        self.hits: list[str] = []
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up mid-answer are part of these tests
+
+    @property
+    def base(self) -> str:
+        scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}"
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _serve(self) -> None:
+        server = self.server
+        assert isinstance(server, _ScriptedServer)
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        server.hits.append(self.path)
+        status, headers, body = server.routes.get(self.path, (404, [], b"{}"))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = _serve
+    do_POST = _serve
+
+
+def _serve_in_thread(server: _ScriptedServer) -> Iterator[_ScriptedServer]:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[_ScriptedServer]:
+    yield from _serve_in_thread(_ScriptedServer())
+
+
+@dataclass(frozen=True)
+class _Pki:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def _pem(item: Any) -> bytes:
+    """PEM of a certificate or private key (Any: stale type stubs for cryptography may be about)."""
+    pem: Any = serialization.Encoding.PEM
+    if isinstance(item, x509.Certificate):
+        return item.public_bytes(pem)
+    pkcs8: Any = serialization.PrivateFormat.PKCS8
+    data: bytes = item.private_bytes(pem, pkcs8, serialization.NoEncryption())
+    return data
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed."""
+    directory = tmp_path_factory.mktemp("pki")
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tokend test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = _Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    pki.ca_file.write_bytes(_pem(ca_cert))
+    pki.cert_file.write_bytes(_pem(cert))
+    pki.key_file.write_bytes(_pem(key))
+    return pki
+
+
+@pytest.fixture
+def tls_server(pki: _Pki) -> Iterator[_ScriptedServer]:
+    server = _ScriptedServer()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.cert_file, pki.key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    yield from _serve_in_thread(server)
+
+
+def _current() -> TokenSet:
+    return PREVIOUS
+
+
+_JSON = [("Content-Type", "application/json")]
+_TOKEN_BODY = json.dumps(ok_body()).encode()
+
+
+@pytest.mark.anyio
+async def test_refresh_does_not_follow_redirects(scripted: _ScriptedServer) -> None:
+    """A redirect from the token endpoint is transient, and its target is never contacted."""
+    scripted.routes["/token"] = (307, [("Location", scripted.base + "/elsewhere")], b"")
+    scripted.routes["/elsewhere"] = (200, _JSON, _TOKEN_BODY)
+    conn = demo_conn(scripted.base + "/token")
+    async with make_http_client() as http:
+        with pytest.raises(TransientError, match="unexpected redirect"):
+            await OAuthClient(http, WallClock()).refresh(conn, _current(), Secret(CLIENT_SECRET))
+    assert scripted.hits == ["/token"]
+
+
+@pytest.mark.anyio
+async def test_refresh_refuses_oversized_bodies(scripted: _ScriptedServer) -> None:
+    """A response body over MAX_BODY_BYTES is refused as transient, not held in memory."""
+    scripted.routes["/token"] = (200, _JSON, b" " * (MAX_BODY_BYTES + 100_000))
+    conn = demo_conn(scripted.base + "/token")
+    async with make_http_client() as http:
+        with pytest.raises(TransientError, match="too large"):
+            await OAuthClient(http, WallClock()).refresh(conn, _current(), Secret(CLIENT_SECRET))
+
+
+@pytest.mark.anyio
+async def test_refresh_reads_gzip_bodies(scripted: _ScriptedServer) -> None:
+    """A gzip-encoded token response is decoded once and parsed."""
+    headers = [*_JSON, ("Content-Encoding", "gzip")]
+    scripted.routes["/token"] = (200, headers, gzip.compress(_TOKEN_BODY))
+    conn = demo_conn(scripted.base + "/token")
+    async with make_http_client() as http:
+        result = await OAuthClient(http, WallClock()).refresh(
+            conn, _current(), Secret(CLIENT_SECRET)
+        )
+    assert result.token.access_token.reveal() == NEW_ACCESS
+
+
+@pytest.mark.anyio
+async def test_refresh_verifies_tls_against_the_connector_ca(
+    tls_server: _ScriptedServer, pki: _Pki
+) -> None:
+    """TLS is verified: an unknown CA fails as transient; the connector's ca_file makes it work."""
+    tls_server.routes["/token"] = (200, _JSON, _TOKEN_BODY)
+    url = tls_server.base + "/token"
+    async with make_http_client() as http:
+        client = OAuthClient(http, WallClock())
+        with pytest.raises(TransientError, match=r"ConnectError.*CERTIFICATE_VERIFY_FAILED"):
+            await client.refresh(demo_conn(url), _current(), Secret(CLIENT_SECRET))
+        conn = demo_conn(url, ca_file=pki.ca_file)
+        for _ in range(2):  # the second refresh reuses the client made for this ca_file
+            result = await client.refresh(conn, _current(), Secret(CLIENT_SECRET))
+            assert result.token.access_token.reveal() == NEW_ACCESS
+        assert await client.probe(conn) == 200
+        await client.aclose()
+        await client.aclose()  # idempotent
+    assert tls_server.hits == ["/token", "/token", "/token"]
+
+
+@pytest.mark.anyio
+async def test_refresh_unloadable_ca_file_is_rejected(tmp_path: Path) -> None:
+    """A ca_file that cannot be loaded is a configuration problem: OAuthError(invalid_ca_file)."""
+    conn = demo_conn("https://127.0.0.1:9/token", ca_file=tmp_path / "missing.pem")
+    async with make_http_client() as http:
+        with pytest.raises(OAuthError, match="invalid_ca_file"):
+            await OAuthClient(http, WallClock()).refresh(conn, _current(), Secret(CLIENT_SECRET))
+
+
+@pytest.mark.anyio
+async def test_probe_reports_status_without_a_grant(auth: AuthServer) -> None:
+    """probe GETs the token endpoint and returns its status without sending any grant."""
+    async with make_http_client() as http:
+        client = OAuthClient(http, WallClock())
+        assert await client.probe(demo_conn(auth.token_url)) == 404
+        [recorded] = auth.requests
+        assert recorded.method == "GET"
+        assert auth.token_calls == 0
+        with pytest.raises(OAuthError, match="insecure_token_url"):
+            await client.probe(demo_conn("http://auth.example.com/token"))
+    auth.go_down()
+    # A fresh client: a pooled keep-alive connection could outlive go_down.
+    async with make_http_client() as http:
+        with pytest.raises(TransientError, match="ConnectError"):
+            await OAuthClient(http, WallClock()).probe(demo_conn(auth.token_url))

@@ -1,0 +1,489 @@
+"""OAuth 2.0 refresh (RFC 6749 §5-6): pure request builders and response parsers, a thin client.
+
+The builders and parsers do no I/O and read no clock; `OAuthClient` sends what they build through
+an injected `httpx.AsyncClient` and stamps `obtained_at` before sending. This module and `alerts`
+are the only users of httpx. Nothing here logs; nothing here puts a token, a client secret or a
+response body into a message: from a provider only `error` and `error_description` are quoted,
+sanitised and truncated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import math
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import httpx
+
+from tokend import __version__
+from tokend.clock import Clock
+from tokend.config import ConnectorConfig
+from tokend.errors import InvalidGrantError, OAuthError, SecretMissingError, TransientError
+from tokend.model import Secret, TokenSet
+
+USER_AGENT = f"tokend/{__version__}"
+CONNECT_TIMEOUT_S = 10.0
+TOTAL_TIMEOUT_S = 30.0
+# A token response is a few KiB; a larger body is refused rather than held in memory.
+MAX_BODY_BYTES = 1 << 20
+# An `expires_in` beyond ten years is read as ten years: the token is refreshed every max_interval
+# anyway, and absurd values (1e300) would overflow datetime arithmetic.
+MAX_EXPIRES_IN_S = 10 * 365 * 86400
+
+# RFC 6749 §5.2 codes that mean a human must act. `invalid_grant` (the refresh token is dead) is
+# its own class; the rest say the client or its configuration is wrong (state `rejected`).
+_REJECTED = frozenset(
+    {
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_request",
+    }
+)
+# GitHub answers a dead refresh token with HTTP 200 and this code instead of `invalid_grant`.
+_INVALID_GRANT = frozenset({"invalid_grant", "bad_refresh_token"})
+_EXPIRES_IN_TEXT = re.compile(r"\s*[0-9]{1,30}(\.[0-9]{1,30})?\s*")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_DESCRIPTION_LIMIT = 200
+_ERROR_CODE_LIMIT = 64
+
+
+def _quote(text: object, limit: int, redact: tuple[str, ...]) -> str:
+    """Provider text fit for a message: one line, printable, truncated, known secrets masked."""
+    clean = _UNPRINTABLE.sub(" ", str(text)).strip()
+    for secret in redact:
+        clean = clean.replace(secret, "***")
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+def _secrets_of(token: TokenSet | None) -> tuple[str, ...]:
+    """The token values to mask in messages (never empty: replacing "" would mangle the text)."""
+    if token is None:
+        return ()
+    # reveal: only to find and mask these values in provider text.
+    secrets = (token.access_token, token.refresh_token)
+    return tuple(s.reveal() for s in secrets if s is not None and s.reveal())
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_url(url: str, *, connector: str) -> None:
+    """Refuse to send a grant anywhere but https, or plain http to a loopback host.
+
+    `config` already checks this at load; this is defence in depth at the point of sending.
+    Raises OAuthError(error="insecure_token_url").
+    """
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is not None and parsed.host:
+        if parsed.scheme == "https":
+            return
+        if parsed.scheme == "http" and _is_loopback(parsed.host):
+            return
+    raise OAuthError(
+        connector, "insecure_token_url", "token_url must be https (or http to loopback)"
+    )
+
+
+def build_refresh_request(
+    conn: ConnectorConfig, refresh_token: Secret, client_secret: Secret | None
+) -> httpx.Request:
+    """The RFC 6749 §6 refresh request for `conn`.
+
+    `scope` is never sent, so the grant keeps its original scope (§6 allows no widening and
+    narrowing is not wanted); `resource` is sent when configured (RFC 8707). Client authentication
+    follows `conn.client_auth` (§2.3.1). Raises SecretMissingError when a confidential client has
+    no stored secret, OAuthError(insecure_token_url) for a non-https, non-loopback endpoint.
+    """
+    check_token_url(conn.token_url, connector=conn.name)
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+    if conn.resource is not None:
+        form["resource"] = conn.resource
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if conn.client_auth == "none":
+        form["client_id"] = conn.client_id
+    else:
+        if client_secret is None:
+            raise SecretMissingError(
+                f"{conn.name}: client_auth {conn.client_auth} needs a client secret and none is "
+                f"stored; run: tokend secret {conn.name}"
+            )
+        if conn.client_auth == "client_secret_basic":
+            # RFC 6749 §2.3.1: form-urlencode id and secret, then join with ':' and base64.
+            pair = f"{quote_plus(conn.client_id)}:{quote_plus(client_secret.reveal())}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        else:
+            form["client_id"] = conn.client_id
+            form["client_secret"] = client_secret.reveal()
+    return httpx.Request("POST", conn.token_url, data=form, headers=headers)
+
+
+def _http_date(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    # HTTP-dates are GMT; an explicit "-0000" zone parses naive.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def server_clock_offset(response: httpx.Response, *, received_at: datetime) -> float | None:
+    """Seconds the server's `Date` header is ahead (+) of or behind (-) `received_at`.
+
+    None when the header is absent or unparseable. The header has one-second resolution.
+    """
+    server_now = _http_date(response.headers.get("Date"))
+    return None if server_now is None else (server_now - received_at).total_seconds()
+
+
+def _retry_after(response: httpx.Response, now: datetime) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+
+    A date is measured against the response's own `Date` when it has one, so a skewed server
+    clock does not distort the delay; else against `now`. Past dates give 0; garbage gives None.
+    """
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    until = _http_date(value)
+    if until is None:
+        return None
+    reference = _http_date(response.headers.get("Date")) or now
+    return max(0.0, (until - reference).total_seconds())
+
+
+def _error_from_fields(
+    data: Mapping[str, object],
+    *,
+    connector: str,
+    status: int,
+    retry_after: float | None,
+    redact: tuple[str, ...],
+) -> Exception:
+    """The exception for an RFC 6749 §5.2 error object."""
+    code = _quote(data["error"], _ERROR_CODE_LIMIT, redact)
+    raw = data.get("error_description")
+    description = None if raw is None else _quote(raw, _DESCRIPTION_LIMIT, redact)
+    if code in _INVALID_GRANT:
+        return InvalidGrantError(connector, code, description, status)
+    if code in _REJECTED:
+        return OAuthError(connector, code, description, status)
+    # An error code we do not know may be an extension meaning "try later" (`server_error`,
+    # `temporarily_unavailable` and `slow_down` exist elsewhere in OAuth). Declaring a grant dead on
+    # a guess would need a human for nothing; backing off is polite, and status shows the code.
+    detail = f" ({description})" if description else ""
+    reason = f"token endpoint answered HTTP {status}: {code}{detail}"
+    return TransientError(connector, reason, retry_after=retry_after)
+
+
+def parse_token_response(
+    response: httpx.Response,
+    *,
+    connector: str,
+    obtained_at: datetime,
+    previous: TokenSet | None,
+    default_lifetime: timedelta,
+    received_at: datetime | None = None,
+) -> TokenSet:
+    """The token set in a token endpoint's response, or the error it stands for (RFC 6749 §5).
+
+    `obtained_at` is when the request started; `received_at` (default `obtained_at`) anchors a
+    `Retry-After` date when the response has no `Date`. Raises InvalidGrantError (`invalid_grant`),
+    OAuthError (client refused, unsupported token type) or TransientError (429, 5xx, redirects,
+    unknown errors, unparseable or incomplete bodies; `retry_after` set from the header).
+    """
+    status = response.status_code
+    redact = _secrets_of(previous)
+    retry_after = _retry_after(response, obtained_at if received_at is None else received_at)
+    if status == 429 or status >= 500:
+        data = _json_object(response)
+        reason = f"token endpoint answered HTTP {status}"
+        if data is not None and isinstance(data.get("error"), str):
+            reason += f": {_quote(data['error'], _ERROR_CODE_LIMIT, redact)}"
+        raise TransientError(connector, reason, retry_after=retry_after)
+    if 300 <= status < 400:
+        reason = f"unexpected redirect (HTTP {status}) from the token endpoint"
+        raise TransientError(connector, reason, retry_after=retry_after)
+    data = _json_object(response)
+    if data is None:
+        reason = f"unparseable response (HTTP {status}) from the token endpoint"
+        raise TransientError(connector, reason, retry_after=retry_after)
+    # Some providers (GitHub) send errors with a 2xx status; an `error` without a token is one.
+    if isinstance(data.get("error"), str) and (status >= 400 or "access_token" not in data):
+        raise _error_from_fields(
+            data, connector=connector, status=status, retry_after=retry_after, redact=redact
+        )
+    if status >= 400:
+        reason = f"token endpoint answered HTTP {status} without an OAuth error"
+        raise TransientError(connector, reason, retry_after=retry_after)
+    return token_set_from_fields(
+        data,
+        connector=connector,
+        obtained_at=obtained_at,
+        previous=previous,
+        default_lifetime=default_lifetime,
+    )
+
+
+def _json_object(response: httpx.Response) -> Mapping[str, object] | None:
+    try:
+        data = response.json()
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; [[[[… recurses
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _expires_in(value: object, connector: str) -> float:
+    """A positive, finite `expires_in` in seconds from an int, a float or a numeric string."""
+    seconds: float | None = None
+    if isinstance(value, str):
+        if _EXPIRES_IN_TEXT.fullmatch(value):
+            seconds = float(value)
+    elif isinstance(value, float):
+        seconds = value
+    elif isinstance(value, int) and not isinstance(value, bool):  # JSON true is no duration
+        seconds = float(min(value, MAX_EXPIRES_IN_S))  # a 400-digit int would overflow float()
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise TransientError(connector, "response has a non-numeric or non-positive expires_in")
+    return min(seconds, MAX_EXPIRES_IN_S)
+
+
+def _token_type(value: object, connector: str) -> str:
+    if value is None:
+        # RFC 6749 §5.1 requires token_type; every server that omits it means Bearer.
+        return "Bearer"
+    if not isinstance(value, str):
+        raise TransientError(connector, "response has a malformed token_type")
+    if value.lower() != "bearer":
+        # A MAC or DPoP token cannot be used as a bearer token by the jobs: provider mismatch.
+        description = f"token_type {_quote(value, 32, ())!r} is not Bearer"
+        raise OAuthError(connector, "unsupported_token_type", description)
+    return "Bearer"
+
+
+def _scope(value: object, previous: TokenSet | None, connector: str) -> str | None:
+    if value is None:
+        return None if previous is None else previous.scope  # RFC 6749 §5.1: unchanged
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return " ".join(value)  # non-standard array form, seen in the wild
+    raise TransientError(connector, "response has a malformed scope")
+
+
+def token_set_from_fields(
+    data: Mapping[str, object],
+    *,
+    connector: str,
+    obtained_at: datetime,
+    previous: TokenSet | None,
+    default_lifetime: timedelta,
+) -> TokenSet:
+    """A token set from an RFC 6749 §5.1 JSON object (a refresh response, or `tokend import`).
+
+    `expires_at` = `obtained_at` + `expires_in`; without `expires_in`, `default_lifetime` with
+    `lifetime_assumed`. An omitted (or null or empty) `refresh_token` or `scope` keeps `previous`'s
+    (§6); without `previous` the refresh token stays None and the grant simply cannot be refreshed.
+    `generation` is 0: the store assigns it. Raises TransientError for a missing `access_token` or a
+    bad `expires_in` (garbage: the old token is kept), OAuthError(unsupported_token_type) for a
+    token type other than Bearer.
+    """
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise TransientError(connector, "response has no access_token")
+    token_type = _token_type(data.get("token_type"), connector)
+    raw_expires_in = data.get("expires_in")
+    if raw_expires_in is None:
+        lifetime, assumed = default_lifetime, True
+    else:
+        lifetime, assumed = timedelta(seconds=_expires_in(raw_expires_in, connector)), False
+    raw_refresh = data.get("refresh_token")
+    refresh: Secret | None
+    if raw_refresh is None or raw_refresh == "":
+        refresh = None if previous is None else previous.refresh_token
+    elif isinstance(raw_refresh, str):
+        refresh = Secret(raw_refresh)
+    else:
+        raise TransientError(connector, "response has a malformed refresh_token")
+    return TokenSet(
+        access_token=Secret(access),
+        refresh_token=refresh,
+        token_type=token_type,
+        scope=_scope(data.get("scope"), previous, connector),
+        obtained_at=obtained_at,
+        expires_at=obtained_at + lifetime,
+        lifetime_assumed=assumed,
+        generation=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    """A refreshed token set and how far the server's clock is ahead of ours (None if unknown)."""
+
+    token: TokenSet
+    clock_offset_s: float | None
+
+
+def make_http_client(
+    *, ca_file: Path | None = None, timeout_s: float = TOTAL_TIMEOUT_S
+) -> httpx.AsyncClient:
+    """An AsyncClient for token endpoints: TLS verified (by `ca_file` when given), no redirects.
+
+    Connect timeout 10 s (or `timeout_s` if shorter), `timeout_s` for each read and write.
+    Raises OSError or ssl.SSLError when `ca_file` cannot be loaded.
+    """
+    verify: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(ca_file))
+    timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+    return httpx.AsyncClient(
+        verify=verify,
+        timeout=timeout,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+class OAuthClient:
+    """Sends refresh requests; one instance serves every connector.
+
+    `http` serves connectors without a `ca_file`. A connector with one gets a client of its own,
+    made on first use and kept per CA file (a TLS context is fixed per client, and building one per
+    request would reload the CA bundle every time); `aclose` closes those, the caller closes `http`.
+    """
+
+    def __init__(
+        self, http: httpx.AsyncClient, clock: Clock, *, total_timeout_s: float = TOTAL_TIMEOUT_S
+    ) -> None:
+        self._http = http
+        self._clock = clock
+        self._total_timeout_s = total_timeout_s
+        self._by_ca_file: dict[Path, httpx.AsyncClient] = {}
+
+    def _client_for(self, conn: ConnectorConfig) -> httpx.AsyncClient:
+        if conn.ca_file is None:
+            return self._http
+        client = self._by_ca_file.get(conn.ca_file)
+        if client is None:
+            try:
+                client = make_http_client(ca_file=conn.ca_file, timeout_s=self._total_timeout_s)
+            except (OSError, ssl.SSLError) as exc:
+                reason = _quote(exc, _DESCRIPTION_LIMIT, ())
+                raise OAuthError(
+                    conn.name, "invalid_ca_file", f"cannot load ca_file: {reason}"
+                ) from exc
+            self._by_ca_file[conn.ca_file] = client
+        return client
+
+    async def _send(
+        self, conn: ConnectorConfig, request: httpx.Request, redact: tuple[str, ...]
+    ) -> httpx.Response:
+        """Send without following redirects, read at most MAX_BODY_BYTES, all within the timeout.
+
+        Raises TransientError for network errors, timeouts and oversized bodies.
+        """
+        client = self._client_for(conn)
+        try:
+            async with asyncio.timeout(self._total_timeout_s):
+                response = await client.send(request, stream=True, follow_redirects=False)
+                try:
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_BODY_BYTES:
+                            raise TransientError(conn.name, "token endpoint response too large")
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            reason = f"token endpoint timed out after {self._total_timeout_s:g}s"
+            raise TransientError(conn.name, reason) from None
+        except httpx.RequestError as exc:
+            # The exception's text may name the URL; show the host only, and mask the secrets.
+            text = str(exc).replace(str(request.url), request.url.host)
+            detail = _quote(text, _DESCRIPTION_LIMIT, redact)
+            reason = f"cannot reach the token endpoint {request.url.host}: {type(exc).__name__}"
+            raise TransientError(conn.name, f"{reason} ({detail})" if detail else reason) from exc
+        # The body is decoded already: drop the headers that describe its wire encoding.
+        headers = [
+            (key, value)
+            for key, value in response.headers.multi_items()
+            if key.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=bytes(body), request=request
+        )
+
+    async def refresh(
+        self, conn: ConnectorConfig, current: TokenSet, client_secret: Secret | None
+    ) -> RefreshResult:
+        """Refresh `current` at `conn`'s token endpoint (RFC 6749 §6).
+
+        `obtained_at` is stamped before sending, so latency shortens the believed lifetime.
+        A grant without a refresh token raises InvalidGrantError (`no_refresh_token`): like a dead
+        refresh token, only a human re-authorizing can fix it. Otherwise raises what
+        `build_refresh_request` and `parse_token_response` raise, and TransientError for network
+        errors, timeouts and redirects.
+        """
+        if current.refresh_token is None:
+            raise InvalidGrantError(
+                conn.name,
+                "no_refresh_token",
+                f"the grant has no refresh token; run: tokend login {conn.name}",
+            )
+        request = build_refresh_request(conn, current.refresh_token, client_secret)
+        obtained_at = self._clock.now()
+        response = await self._send(conn, request, _secrets_of(current))
+        received_at = self._clock.now()
+        token = parse_token_response(
+            response,
+            connector=conn.name,
+            obtained_at=obtained_at,
+            previous=current,
+            default_lifetime=conn.refresh.default_lifetime,
+            received_at=received_at,
+        )
+        return RefreshResult(token, server_clock_offset(response, received_at=received_at))
+
+    async def probe(self, conn: ConnectorConfig) -> int:
+        """GET the token endpoint and return the HTTP status: proves DNS, TCP and TLS work.
+
+        Sends no grant, so nothing is consumed (for `tokend check`). Raises TransientError for
+        network errors and timeouts, OAuthError(insecure_token_url) for a plain-http remote URL.
+        """
+        check_token_url(conn.token_url, connector=conn.name)
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        request = httpx.Request("GET", conn.token_url, headers=headers)
+        response = await self._send(conn, request, ())
+        return response.status_code
+
+    async def aclose(self) -> None:
+        """Close the per-CA-file clients this object made (not the injected one)."""
+        clients = list(self._by_ca_file.values())
+        self._by_ca_file.clear()
+        for client in clients:
+            await client.aclose()
