@@ -17,8 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def short_tmp(prefix: str = "tkd") -> Path:
 class MemoryKeyring(keyring.backend.KeyringBackend):
     """An in-memory keyring backend; `fail_writes` makes writes fail like a locked keyring."""
 
-    priority = 1  # type: ignore[assignment]  # keyring declares a classproperty; a value will do
+    priority = 1  # keyring declares a classproperty; a plain value reads the same
 
     def __init__(self) -> None:
         super().__init__()

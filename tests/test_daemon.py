@@ -1,5 +1,5 @@
 """The daemon end to end in-process: real loopback authorization server, real unix socket,
-in-memory keyring, shortened backoff. Pins the refresh and lookup promises of DESIGN §1–2."""
+in-memory keyring, shortened backoff. Pins the refresh and lookup promises of DESIGN §1-2."""
 
 from __future__ import annotations
 

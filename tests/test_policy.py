@@ -41,14 +41,22 @@ def token(lifetime: timedelta, *, obtained_at: datetime = T0, assumed: bool = Fa
 @pytest.mark.parametrize(
     ("lifetime", "settings", "jitter", "expected"),
     [
-        # Short tokens: expires_at - skew lies before obtained_at, so the floor decides.
-        pytest.param(30 * S, DEFAULTS, 0.0, 10 * S, id="30s-j0"),
-        pytest.param(30 * S, DEFAULTS, 0.999, 10 * S, id="30s-j999"),
-        pytest.param(60 * S, DEFAULTS, 0.0, 10 * S, id="60s-j0"),
-        pytest.param(60 * S, DEFAULTS, 0.999, 10 * S, id="60s-j999"),
-        # 10 min: expires_at - skew (300 s) is earlier than 2/3 of the lifetime (400 s).
-        pytest.param(600 * S, DEFAULTS, 0.0, 300 * S, id="10m-j0"),
-        pytest.param(600 * S, DEFAULTS, 0.999, 300 * S - 59.94 * S, id="10m-j999"),
+        # Short tokens: the skew is clipped to a third of the lifetime, so 2/3 of it decides.
+        pytest.param(30 * S, DEFAULTS, 0.0, 20 * S, id="30s-j0"),
+        pytest.param(30 * S, DEFAULTS, 0.999, 20 * S - 2.997 * S, id="30s-j999"),
+        pytest.param(60 * S, DEFAULTS, 0.0, 40 * S, id="60s-j0"),
+        pytest.param(5 * 60 * S, DEFAULTS, 0.0, 200 * S, id="5m-j0"),
+        # 10 min: the 5 min skew is clipped to 200 s, which meets 2/3 of the lifetime (400 s).
+        pytest.param(600 * S, DEFAULTS, 0.0, 400 * S, id="10m-j0"),
+        pytest.param(600 * S, DEFAULTS, 0.999, 400 * S - 59.94 * S, id="10m-j999"),
+        # 20 min: 2/3 of the lifetime (800 s) comes before expires_at - skew (900 s).
+        pytest.param(1200 * S, DEFAULTS, 0.0, 800 * S, id="20m-j0"),
+        # 30 min with a 10 min skew: both rules give 1200 s.
+        pytest.param(1800 * S, RefreshSettings(skew=600 * S), 0.0, 1200 * S, id="30m-skew10m"),
+        # 1 h with skews of 17-30 min: 2/3 (40 min) decides; skews over 20 min are clipped.
+        pytest.param(3600 * S, RefreshSettings(skew=1800 * S), 0.0, 2400 * S, id="1h-skew30m"),
+        pytest.param(3600 * S, RefreshSettings(skew=1000 * S), 0.0, 2400 * S, id="1h-skew1000s"),
+        pytest.param(3600 * S, RefreshSettings(skew=1500 * S), 0.0, 2400 * S, id="1h-skew25m"),
         # 1 h and 24 h: 2/3 of the lifetime, minus up to 10 % of it.
         pytest.param(3600 * S, DEFAULTS, 0.0, 2400 * S, id="1h-j0"),
         pytest.param(3600 * S, DEFAULTS, 0.999, 2400 * S - 359.64 * S, id="1h-j999"),
@@ -59,17 +67,27 @@ def token(lifetime: timedelta, *, obtained_at: datetime = T0, assumed: bool = Fa
         # 30 d: 2/3 would be 20 d; max_interval caps it at 7 d, whatever the jitter.
         pytest.param(timedelta(days=30), DEFAULTS, 0.0, timedelta(days=7), id="30d-j0"),
         pytest.param(timedelta(days=30), DEFAULTS, 0.999, timedelta(days=7), id="30d-j999"),
-        # Skew longer than the lifetime: the floor min(min_interval, lifetime/2) decides.
+        # Skew longer than the lifetime: clipped to a third, so 2/3 of the lifetime decides.
         pytest.param(
             timedelta(hours=1),
             RefreshSettings(skew=timedelta(hours=2)),
             0.5,
-            10 * S,
+            timedelta(minutes=40) - 180 * S,
             id="skew>lifetime",
         ),
-        # A 10 s token with min_interval 10 s: the floor is lifetime/2, so it never lapses.
-        pytest.param(10 * S, DEFAULTS, 0.0, 5 * S, id="10s-floor-half"),
-        pytest.param(10 * S, DEFAULTS, 0.999, 5 * S, id="10s-floor-half-j999"),
+        # A 10 s token: 2/3 of it, never below the floor lifetime/2 (5 s), so it never lapses.
+        pytest.param(10 * S, DEFAULTS, 0.0, 10 * S * 2 / 3, id="10s-two-thirds"),
+        pytest.param(10 * S, DEFAULTS, 0.999, 10 * S * 2 / 3 - 0.999 * S, id="10s-j999"),
+        pytest.param(
+            10 * S, RefreshSettings(min_interval=10 * S), 1.0, 10 * S * 2 / 3 - S, id="10s-j1"
+        ),
+        # A large min_interval on a short token: the floor is lifetime/2.
+        pytest.param(
+            12 * S, RefreshSettings(min_interval=60 * S), 1.0, 6.8 * S, id="12s-floor-not-hit"
+        ),
+        pytest.param(
+            3 * S, RefreshSettings(min_interval=60 * S, skew=0 * S), 0.0, 2 * S, id="3s-2/3"
+        ),
         # A max_interval shorter than the floor: the floor (hot-loop guard) wins.
         pytest.param(
             timedelta(hours=1),
@@ -140,7 +158,8 @@ def test_next_refresh_at_invariants(
     got = next_refresh_at(tok, settings, jitter=jitter)
     floor = start + min(min_interval, lifetime / 2)
     assert floor <= got < tok.expires_at
-    assert got <= max(floor, start + min(max_interval, lifetime * 2 / 3, lifetime - skew) + US)
+    clipped = min(skew, lifetime / 3)
+    assert got <= max(floor, start + min(max_interval, lifetime * 2 / 3, lifetime - clipped) + US)
     # More jitter never makes a refresh later.
     assert next_refresh_at(tok, settings, jitter=min(1.0, jitter + 0.25)) <= got
 

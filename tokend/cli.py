@@ -49,14 +49,22 @@ def _load_config(args: argparse.Namespace, *, missing_ok: bool = False) -> Confi
 # ----------------------------------------------------------------------------- output helpers
 
 
+# What to do about an error the daemon answered without an action of its own (the socket
+# server refuses an unknown name before the daemon could say more).
+_DEFAULT_ACTIONS = {"unknown_connector": "check the name with: tokend status"}
+
+
+def _action(exc: ApiError) -> str | None:
+    return exc.action or _DEFAULT_ACTIONS.get(exc.code)
+
+
 def _print_error(exc: TokendError) -> None:
     if isinstance(exc, ApiError):
         who = f"{exc.connector}: " if exc.connector else ""
         line = f"tokend: {who}{exc.description}"
-        if exc.action:
-            line += (
-                f"; run: {exc.action}" if exc.action.startswith("tokend ") else f"; {exc.action}"
-            )
+        action = _action(exc)
+        if action:
+            line += f"; run: {action}" if action.startswith("tokend ") else f"; {action}"
         if exc.retry_after:
             line += f" (retry after {exc.retry_after}s)"
     else:
@@ -141,6 +149,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover  # execvpe does not return
 
 
+def _exec_options(args: argparse.Namespace) -> None:
+    """Parse the options written after NAME (`exec NAME --env VAR -- CMD`, the documented order):
+    argparse's REMAINDER takes everything after the positional NAME, options included.
+
+    Exits 2 (argparse) when they are malformed or no `--` separates them from the command.
+    """
+    rest = list(args.command)
+    if not rest or rest[0] == "--" or not rest[0].startswith("-"):
+        return
+    parser: argparse.ArgumentParser = args.exec_parser
+    if "--" not in rest:
+        parser.error("put -- between the options and the command")
+    cut = rest.index("--")
+    parser.parse_args([*rest[:cut], args.name, *rest[cut:]], namespace=args)
+
+
 def _skip_record(name: str, exc: TokendError) -> None:
     from datetime import UTC, datetime
 
@@ -150,11 +174,10 @@ def _skip_record(name: str, exc: TokendError) -> None:
         "error": exc.code if isinstance(exc, ApiError) else "daemon_unavailable",
         "error_description": exc.description if isinstance(exc, ApiError) else str(exc),
         "exit_code": int(exc.exit_code),
+        "action": _action(exc) if isinstance(exc, ApiError) else None,
         "at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
     }
     if isinstance(exc, ApiError):
-        if exc.action:
-            record["action"] = exc.action
         if exc.since:
             record["since"] = exc.since
         if exc.retry_after:
@@ -444,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="TOKEND_ACCESS_TOKEN", metavar="VAR")
     p.add_argument("--min-ttl", metavar="D", help="refresh first if it expires sooner than D")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD …")
+    p.set_defaults(exec_parser=p)
     p = add("status", cmd_status, "show every connector's state")
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--json", action="store_true")
@@ -462,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.func is cmd_exec:
+            _exec_options(args)
     except SystemExit as exc:  # argparse's usage errors exit 2, --help/--version 0
         return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.USAGE
     try:

@@ -185,6 +185,8 @@ class Daemon:
             await connector.refresh()
 
     def _due(self, now: datetime) -> Iterable[str]:
+        for connector in self.connectors.values():
+            connector.note_expiry(now)  # the periodic re-check also notices tokens running out
         return [name for name, c in self.connectors.items() if c.is_due(now)]
 
     def _on_change(self, connector: Connector, old: State) -> None:

@@ -49,6 +49,8 @@ def action_for(name: str, state: State, last_error: str | None = None) -> str | 
     if state is State.REJECTED:
         if last_error and "client secret" in last_error:
             return f"tokend secret {name}"
+        if last_error and last_error.startswith("keyring item ") and "is unusable" in last_error:
+            return f"tokend import {name}"  # a corrupt stored grant: a new one replaces it
         return f"fix connectors.{name} in the config or the client registration, then: " + (
             f"tokend refresh {name}"
         )
@@ -158,6 +160,14 @@ class Connector:
             self._schedule_at(self._planned_refresh(self.token))
 
     # ----------------------------------------------------------------- refresh
+
+    def note_expiry(self, now: datetime) -> None:
+        """`retrying` promises a valid access token (DESIGN §1): once the token runs out while the
+        retry waits in backoff, the connector is `expired` now, not at the next failed attempt."""
+        token = self.token
+        retrying = self.state is State.RETRYING
+        if retrying and token is not None and not policy.may_serve(token, now=now):
+            self._set(state=State.EXPIRED)
 
     def is_due(self, now: datetime) -> bool:
         at = self.record.next_refresh_at
@@ -403,6 +413,7 @@ class Connector:
         """
         min_ttl = timedelta(seconds=min_ttl_s)
         now = self.clock.now()
+        self.note_expiry(now)
         token = self.token
         if self.state.is_terminal or token is None:
             raise self._needs_reauth()
@@ -510,6 +521,7 @@ class Connector:
     def status(self) -> dict[str, object]:
         """What `status` and the socket show: no secrets."""
         now = self.clock.now()
+        self.note_expiry(now)
         record = self.record
         token = self.token
         expires_in = None

@@ -47,7 +47,13 @@ HEADLESS_HINT = (
     "gnome-keyring-daemon --unlock in a D-Bus session (README: Keyring backends)"
 )
 # Secret Service answers these now and then under concurrent clients; a retry succeeds.
-_TRANSIENT_MARKERS = ("ItemNotFoundException", "Prompt dismissed", "NoReply", "Timeout")
+_TRANSIENT_MARKERS = (
+    "ItemNotFoundException",
+    "Prompt dismissed",
+    "NoReply",
+    "ServiceUnknown",
+    "Timeout",
+)
 _RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0)
 
 
@@ -95,6 +101,7 @@ class KeyringStore:
         self._sleep = sleep
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._serial = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: DaemonSettings) -> KeyringStore:
@@ -130,7 +137,10 @@ class KeyringStore:
     def _call(self, what: str, func: Callable[[], T]) -> T:
         for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
             try:
-                return func()
+                # One keyring call at a time per process: concurrent Secret Service clients are
+                # where gnome-keyring raises spurious errors (and, rarely, crashes).
+                with self._serial:
+                    return func()
             except Exception as exc:
                 if delay is None or not _is_transient(exc):
                     raise StoreError(
@@ -168,9 +178,13 @@ class KeyringStore:
 
     def load(self, name: str) -> TokenSet | None:
         """The stored token set, or None. Raises StoreError if unreadable or corrupt."""
-        text = self._call(f"reading {name}", lambda: self.backend.get_password(self.service, name))
-        if text is None:
-            return None
+        text = self._read(name)
+        return None if text is None else self._parse(name, text)
+
+    def _read(self, name: str) -> str | None:
+        return self._call(f"reading {name}", lambda: self.backend.get_password(self.service, name))
+
+    def _parse(self, name: str, text: str) -> TokenSet:
         try:
             return TokenSet.from_json(text)
         except ValueError as exc:
@@ -181,10 +195,15 @@ class KeyringStore:
 
         `expected_generation` is the generation the caller believes is stored (0: none); when the
         store holds another one, nothing is written and GenerationConflictError is raised. None
-        replaces whatever is stored (installing a new grant).
+        replaces whatever is stored (installing a new grant), even an unusable item.
         """
-        current = self.load(name)
-        current_generation = 0 if current is None else current.generation
+        stored = self._read(name)
+        try:
+            current_generation = 0 if stored is None else self._parse(name, stored).generation
+        except StoreError:
+            if expected_generation is not None:
+                raise
+            current_generation = 0  # a corrupt item: installing a grant is how a human repairs it
         if expected_generation is not None and current_generation != expected_generation:
             raise GenerationConflictError(
                 f"{name}: stored grant changed (generation {current_generation}, "
@@ -201,8 +220,8 @@ class KeyringStore:
         return new
 
     def delete(self, name: str) -> bool:
-        """Forget the grant; False when none was stored."""
-        if self.load(name) is None:
+        """Forget the grant (even an unusable one); False when none was stored."""
+        if self._read(name) is None:
             return False
         self._call(f"deleting {name}", lambda: self.backend.delete_password(self.service, name))
         return True

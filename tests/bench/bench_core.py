@@ -1,0 +1,188 @@
+"""Core benchmarks: socket lookups (h2load), `tokend token` wall time, idle RSS and time to READY.
+
+Not a test: it prints figures, each next to a floor measured in the same run on the same machine.
+Run: python tests/bench/bench_core.py [--connectors 100] [--requests 20000] [--clients 32]
+Needs h2load (Debian: nghttp2-client) for the lookup figures; the rest needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get
+from tokend.authserver import AuthServer
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _median_wall(argv: list[str], runs: int, env: dict[str, str]) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _h2load(socket: Path, path: str, requests: int, clients: int, log: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            "h2load",
+            "--h1",
+            "-n",
+            str(requests),
+            "-c",
+            str(clients),
+            "-m",
+            "1",
+            "-B",
+            f"unix:{socket}",
+            "--log-file",
+            str(log),
+            f"http://tokend{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rps = next(
+        float(line.split()[3])
+        for line in done.stdout.splitlines()
+        if line.startswith("finished in")
+    )
+    ok = next(line for line in done.stdout.splitlines() if line.startswith("status codes:"))
+    lat = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines())
+    return {
+        "rps": rps,
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[int(len(lat) * 0.99) - 1],
+        "max_ms": lat[-1],
+        "status": ok,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connectors", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds to measure idle CPU")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="tkdb", dir="/tmp"))
+    names = [f"c{i:04d}" for i in range(args.connectors)]
+    try:
+        with AuthServer(lifetime_s=3600.0) as auth:
+            config = config_dict(
+                root,
+                auth.token_url,
+                connectors={n: {} for n in names},
+                daemon={"keyring_backend": FILE_BACKEND},
+                refresh={"skew": "5m"},
+            )
+            proc = DaemonProcess(root, config).start()
+            for name in names:
+                status, _ = get(
+                    proc.socket, f"/v1/connectors/{name}/grant", "PUT", auth.issue_grant()
+                )
+                assert status == 200
+            proc.stop()
+            started = time.perf_counter()
+            proc.start()  # waits until /v1/health answers
+            ready_s = time.perf_counter() - started
+            assert proc.proc is not None
+            pid = proc.proc.pid
+            time.sleep(2.0)
+            rss = _rss_mb(pid)
+            cpu0 = _cpu_s(pid)
+            time.sleep(args.idle)
+            idle_cpu_per_hour = (_cpu_s(pid) - cpu0) * 3600 / args.idle
+
+            env = {**proc.env, "TOKEND_SOCKET": str(proc.socket)}
+            tokend = shutil.which("tokend") or ""
+            floor = _median_wall(
+                [sys.executable, "-c", "import http.client, socket"], args.runs, env
+            )
+            token_cli = _median_wall([tokend, "token", names[0]], args.runs, env) if tokend else 0.0
+            token_m = _median_wall(
+                [sys.executable, "-m", "tokend", "token", names[0]], args.runs, env
+            )
+
+            h2 = None
+            if shutil.which("h2load"):
+                h2load_log = root / "h2load.log"
+                _h2load(
+                    proc.socket, f"/v1/connectors/{names[0]}/token", 2000, args.clients, h2load_log
+                )  # warm-up
+                h2 = _h2load(
+                    proc.socket,
+                    f"/v1/connectors/{names[0]}/token",
+                    args.requests,
+                    args.clients,
+                    h2load_log,
+                )
+            rss_after = _rss_mb(pid)
+            proc.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    rows = [
+        ("connectors", f"{args.connectors}"),
+        ("time to READY (start -> /v1/health answers)", f"{ready_s * 1000:.0f} ms"),
+        ("daemon RSS, idle", f"{rss:.1f} MB"),
+        ("daemon CPU while idle", f"{idle_cpu_per_hour:.2f} s per hour (over {args.idle:g} s)"),
+        ("floor: python3 -c 'import http.client, socket'", f"{floor * 1000:.1f} ms (median)"),
+    ]
+    if token_cli:
+        rows.append(
+            (
+                "tokend token NAME (console script)",
+                f"{token_cli * 1000:.1f} ms = {token_cli / floor:.2f}x floor",
+            )
+        )
+    rows.append(
+        ("python -m tokend token NAME", f"{token_m * 1000:.1f} ms = {token_m / floor:.2f}x floor")
+    )
+    if h2 is not None:
+        rows += [
+            (
+                f"lookups, keep-alive, {args.clients} clients (h2load)",
+                f"{h2['rps']:.0f} req/s, p50 {h2['p50_ms']:.2f} ms, p99 {h2['p99_ms']:.2f} ms, "
+                f"max {h2['max_ms']:.2f} ms",
+            ),
+            ("  h2load " + h2["status"].split(":", 1)[0], h2["status"].split(":", 1)[1].strip()),
+            ("daemon RSS after the load", f"{rss_after:.1f} MB"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps({"machine": os.uname().machine, "cpus": os.cpu_count()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
