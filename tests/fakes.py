@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from tokend.clock import isoformat
 from tokend.errors import ApiError
 from tokend.model import Secret, TokenSet
-from tokend.server import Peer
+from tokend.server.api import Peer
 
-# --- FakeTokenSource: tokend.server.TokenSource ---------------------------------------------
+# --- FakeTokenSource: tokend.server.api.TokenSource -------------------------------------------
 
 
 def make_tokens(

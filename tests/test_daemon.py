@@ -375,3 +375,21 @@ async def test_status_and_health(tmp_short):
     assert health_after["status"] == "ok"
     for item in listing["connectors"]:
         assert "access_token" not in item and "refresh_token" not in item
+
+
+async def test_forget_grant_makes_connector_unauthorized(tmp_short):
+    """DELETE .../grant removes the stored grant: the keyring item is gone, lookups answer
+    needs_reauth, and no refresh is scheduled any more."""
+    backend = MemoryKeyring()
+    with AuthServer(lifetime_s=30.0) as auth:
+        config = make_config(tmp_short, auth.token_url)
+        async with running_daemon(config, store=memory_store(backend)) as daemon:
+            await _install(daemon, auth)
+            assert ("tokend", "demo") in backend.items
+            status, body = await aget(config.daemon.socket, "/v1/connectors/demo/grant", "DELETE")
+            assert status == 200
+            assert body["state"] == "unauthorized"
+            assert ("tokend", "demo") not in backend.items
+            assert daemon.connectors["demo"].record.next_refresh_at is None
+            status, body = await aget(config.daemon.socket, "/v1/connectors/demo/token")
+    assert (status, body["error"]) == (503, "needs_reauth")

@@ -289,3 +289,35 @@ def test_unusable_keyring_refuses_to_start(tmp_short):
     assert "tokend.keyring_file.EncryptedFileKeyring" in log
     assert len([line for line in log.splitlines() if line.startswith("tokend:")]) == 1
     assert not proc.socket.exists()
+
+
+def test_sigterm_waits_for_refresh_in_flight_to_be_persisted(tmp_short):
+    """SIGTERM during a slow refresh waits for it: the rotated refresh token reaches the keyring
+    before the daemon exits 0, so the restarted daemon serves the new token and refreshes on."""
+    import threading
+
+    with AuthServer(lifetime_s=60.0) as auth:
+        proc = DaemonProcess(tmp_short, _config(tmp_short, auth)).start()
+        _import(proc, auth)
+        auth.fail_next("slow", delay_s=3.0)
+        client = threading.Thread(target=lambda: proc.cli("refresh", "demo"), daemon=True)
+        client.start()
+        deadline = time.monotonic() + 10
+        while get(proc.socket, "/v1/connectors/demo")[1]["state"] != "refreshing":
+            assert time.monotonic() < deadline, "the refresh never started"
+            time.sleep(0.02)
+        proc.signal(signal.SIGTERM)
+        assert proc.stop() == 0
+        assert auth.refreshes_ok == 1
+        calls = auth.token_calls
+        proc.start()
+        status, body = _token(proc)
+        assert status == 200
+        assert auth.is_valid_access_token(body["access_token"])
+        assert auth.token_calls == calls  # the refreshed set was stored: no new call needed
+        done = proc.cli("refresh", "demo")
+        assert done.returncode == 0, done.stderr
+        proc.stop()
+        client.join(30)
+    assert auth.reuse_detected == 0
+    assert "waiting for 1 refreshes in flight" in proc.log()

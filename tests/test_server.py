@@ -34,7 +34,7 @@ import pytest
 from tests.fakes import FakeTokenSource, make_tokens
 from tokend.errors import ApiError, ConfigError, ExitCode
 from tokend.model import Secret, TokenSet
-from tokend.server import ApiServer, SocketInUseError
+from tokend.server.http import ApiServer, SocketInUseError
 
 T = TypeVar("T")
 UID = os.getuid()

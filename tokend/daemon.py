@@ -26,10 +26,11 @@ from tokend.config import Config, ConnectorConfig
 from tokend.errors import ApiError, ConfigError, StoreError
 from tokend.model import ConnectorState, Secret, State, TokenSet
 from tokend.notify import Notifier
-from tokend.oauth import OAuthClient, make_http_client
+from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher import Connector
 from tokend.scheduler import RefreshScheduler
-from tokend.server import ApiServer, Peer
+from tokend.server.api import Peer
+from tokend.server.http import ApiServer
 from tokend.store import GrantStore, KeyringStore, StateDirLock, StateFile
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,16 @@ NAME = "demo"
 def _fingerprint(token: str) -> str:
     """A short, non-reversible tag so the demo can show tokens changing without showing them."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def _command() -> str:
+    """How this shell can run tokend again: `tokend` if that is on PATH, else this program."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "tokend" and shutil.which("tokend") != os.path.abspath(argv0):
+        return os.path.relpath(argv0) if not os.path.isabs(argv0) else argv0
+    if os.path.basename(argv0) == "tokend":
+        return "tokend"
+    return f"{sys.executable} -m tokend"
 
 
 def _say(text: str) -> None:
@@ -129,7 +140,7 @@ async def _main(root: Path, lifetime_s: float, duration_s: float | None) -> int:
                     f"  socket               {sock}",
                     "try it from another shell:",
                     f"  curl --unix-socket {sock} http://tokend/v1/connectors/{NAME}/token",
-                    f"  TOKEND_SOCKET={sock} tokend status",
+                    f"  TOKEND_SOCKET={sock} {_command()} status",
                     "Ctrl-C stops the demo.",
                 ]
             )

@@ -16,7 +16,7 @@ from tokend.clock import SystemClock
 from tokend.config import Config
 from tokend.errors import ApiError, ExitCode, TokendError, TransientError
 from tokend.model import Secret
-from tokend.oauth import OAuthClient, make_http_client
+from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher import Connector
 from tokend.store import KeyringStore, StateFile
 

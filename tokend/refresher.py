@@ -29,7 +29,8 @@ from tokend.errors import (
     TransientError,
 )
 from tokend.model import ConnectorState, Secret, State, TokenSet
-from tokend.oauth import OAuthClient, token_set_from_fields
+from tokend.oauth.client import OAuthClient
+from tokend.oauth.protocol import token_set_from_fields
 from tokend.store import GrantStore
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,6 @@ class Connector:
         else:
             self._set(state=State.OK if serving else State.EXPIRED, retry_at=None)
             self._schedule_at(self._planned_refresh(token))
-
-    def reconfigure(self, config: ConnectorConfig) -> None:
-        """Adopt a changed config (same name) and re-plan the next refresh."""
-        self.config = config
-        if self.token is not None and not self.state.is_terminal and self.record.retry_at is None:
-            self._schedule_at(self._planned_refresh(self.token))
 
     # ----------------------------------------------------------------- refresh
 

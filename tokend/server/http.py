@@ -1,36 +1,30 @@
-"""The unix-socket HTTP/1.1 API (DESIGN §5): asyncio streams, h11 for the protocol, JSON bodies.
+"""HTTP/1.1 over h11 on the API's unix socket: `ApiServer`, the connection side of DESIGN §5.
 
-Owns binding the socket (modes, stale files), reading peer credentials, routing, and keeping one
-misbehaving client from affecting others (size limits, timeouts, a connection cap). Route handlers
-are plain functions over the `TokenSource` protocol; this module never refreshes, stores or
-decides anything about tokens, and never logs a request body or a token.
+Owns binding the socket (modes, stale files) and unlinking it, reading peer credentials, the
+accept loop and each connection's h11 state machine, and keeping one misbehaving client from
+affecting others (size limits, timeouts, a connection cap). What a request means is
+`tokend.server.api`'s business; this module never logs a request body or a token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import os
 import pwd
-import re
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 
-from tokend.clock import Clock, SystemClock, isoformat
-from tokend.errors import ApiError, ConfigError, ExitCode, TokendError
-from tokend.model import NAME_PATTERN, Secret, TokenSet
+from tokend.clock import Clock, SystemClock
+from tokend.errors import ConfigError, ExitCode, TokendError
+from tokend.server.api import Peer, Response, TokenSource, dispatch, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -40,39 +34,12 @@ MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating N
 _READ_SIZE = 64 * 1024
 _CLOSE_GRACE_S = 2.0
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux value; absent from older Pythons
-_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class SocketInUseError(TokendError):
     """Another process accepts connections on the socket path: probably another tokend."""
 
     exit_code = ExitCode.TEMPORARY
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """The connecting process's credentials, from SO_PEERCRED and SO_PEERGROUPS."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]  # primary + supplementary
-
-
-class TokenSource(Protocol):
-    """What the server needs from the daemon; every async method may raise `ApiError`."""
-
-    def has_connector(self, name: str) -> bool: ...
-    def is_allowed(self, name: str, peer: Peer) -> bool: ...
-    def is_admin(self, peer: Peer) -> bool: ...
-    async def token(self, name: str, *, min_ttl_s: float) -> TokenSet: ...
-    def status(self, name: str) -> dict[str, object]: ...
-    def statuses(self) -> list[dict[str, object]]: ...
-    async def refresh(self, name: str) -> dict[str, object]: ...
-    async def install_grant(self, name: str, body: Mapping[str, object]) -> dict[str, object]: ...
-    async def forget_grant(self, name: str) -> dict[str, object]: ...
-    async def store_secret(self, name: str, secret: Secret) -> None: ...
-    def health(self) -> dict[str, object]: ...
 
 
 def read_peer(sock: socket.socket) -> Peer:
@@ -89,229 +56,6 @@ def read_peer(sock: socket.socket) -> Peer:
         except (KeyError, OSError):
             groups = set()
     return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset(groups | {gid}))
-
-
-# --- routes: plain functions over a TokenSource ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: bytes = b"application/json"
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    source: TokenSource
-    peer: Peer
-    name: str  # "" on routes without a connector
-    query: Mapping[str, str]
-    body: bytes
-    clock: Clock
-
-
-def _json(status: int, obj: object, headers: tuple[tuple[bytes, bytes], ...] = ()) -> _Response:
-    return _Response(
-        status, json.dumps(obj, separators=(",", ":")).encode() + b"\n", headers=headers
-    )
-
-
-def _error(status: int, code: str, description: str, **extra: object) -> _Response:
-    return _json(status, {"error": code, "error_description": description, **extra})
-
-
-def _api_error(exc: ApiError) -> _Response:
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    if exc.retry_after is not None:
-        headers = ((b"retry-after", str(max(0, math.ceil(exc.retry_after))).encode()),)
-    return _json(exc.http_status, exc.to_json(), headers)
-
-
-def _bad_request(description: str, name: str = "") -> ApiError:
-    return ApiError("bad_request", description, connector=name or None)
-
-
-def _user_text(uid: int) -> str:
-    try:
-        return f"user:{pwd.getpwuid(uid).pw_name}"
-    except KeyError:
-        return f"uid:{uid}"
-
-
-def _json_object(call: _Call) -> dict[str, object]:
-    def no_constants(text: str) -> object:
-        raise ValueError(text)
-
-    try:
-        data = json.loads(call.body, parse_constant=no_constants) if call.body else None
-    except (ValueError, RecursionError):
-        raise _bad_request("request body is not valid JSON", call.name) from None
-    if not isinstance(data, dict):
-        raise _bad_request("request body must be a JSON object", call.name)
-    return data
-
-
-async def _list_connectors(call: _Call) -> _Response:
-    return _json(200, {"connectors": call.source.statuses()})
-
-
-async def _connector_status(call: _Call) -> _Response:
-    return _json(200, call.source.status(call.name))
-
-
-async def _health(call: _Call) -> _Response:
-    return _json(200, call.source.health())
-
-
-async def _token(call: _Call) -> _Response:
-    fmt = call.query.get("format", "json")
-    if fmt not in ("json", "raw"):
-        raise _bad_request("format must be json or raw", call.name)
-    min_ttl = 0.0
-    if "min_ttl" in call.query:
-        try:
-            min_ttl = float(call.query["min_ttl"])
-        except ValueError:
-            min_ttl = -1.0
-        if not (math.isfinite(min_ttl) and min_ttl >= 0):
-            raise _bad_request("min_ttl must be a non-negative number of seconds", call.name)
-    if not call.source.is_allowed(call.name, call.peer):
-        raise ApiError(
-            "forbidden",
-            f"uid {call.peer.uid} may not read the token of connector {call.name}",
-            connector=call.name,
-            action=f"add {_user_text(call.peer.uid)} to connectors.{call.name}.allow",
-        )
-    tokens = await call.source.token(call.name, min_ttl_s=min_ttl)
-    if fmt == "raw":  # the socket reply is a boundary where the token leaves on purpose
-        return _Response(200, tokens.access_token.reveal().encode(), b"text/plain; charset=utf-8")
-    remaining = (tokens.expires_at - call.clock.now()).total_seconds()
-    return _json(
-        200,
-        {
-            "connector": call.name,
-            "access_token": tokens.access_token.reveal(),
-            "token_type": tokens.token_type,
-            "expires_at": isoformat(tokens.expires_at),
-            "expires_in": max(0, math.floor(remaining)),
-            "scope": tokens.scope,
-        },
-    )
-
-
-async def _refresh(call: _Call) -> _Response:
-    return _json(200, await call.source.refresh(call.name))
-
-
-async def _install_grant(call: _Call) -> _Response:
-    return _json(200, await call.source.install_grant(call.name, _json_object(call)))
-
-
-async def _forget_grant(call: _Call) -> _Response:
-    return _json(200, await call.source.forget_grant(call.name))
-
-
-async def _store_secret(call: _Call) -> _Response:
-    data = _json_object(call)
-    value = data.get("client_secret")
-    if set(data) != {"client_secret"} or not isinstance(value, str) or not value:
-        raise _bad_request(
-            'body must be {"client_secret": "..."} with a non-empty string', call.name
-        )
-    await call.source.store_secret(call.name, Secret(value))
-    return _json(200, call.source.status(call.name))
-
-
-_Handler = Callable[[_Call], Awaitable[_Response]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Route:
-    parts: tuple[str | None, ...]  # None is the connector NAME
-    methods: Mapping[str, _Handler]
-    params: frozenset[str] = frozenset()
-    admin: bool = False
-
-
-_ROUTES = (
-    _Route(("v1", "connectors"), {"GET": _list_connectors}),
-    _Route(("v1", "connectors", None), {"GET": _connector_status}),
-    _Route(("v1", "connectors", None, "token"), {"GET": _token}, frozenset({"format", "min_ttl"})),
-    _Route(("v1", "connectors", None, "refresh"), {"POST": _refresh}, admin=True),
-    _Route(
-        ("v1", "connectors", None, "grant"),
-        {"PUT": _install_grant, "DELETE": _forget_grant},
-        admin=True,
-    ),
-    _Route(("v1", "connectors", None, "secret"), {"PUT": _store_secret}, admin=True),
-    _Route(("v1", "health"), {"GET": _health}),
-)
-
-
-def _split_target(target: str) -> tuple[list[str], dict[str, str]]:
-    """Decoded path segments and query parameters; raises ApiError(bad_request)."""
-    if target.startswith("/"):  # origin form; urlsplit would read "//x/..." as a host
-        path, _, raw_query = target.partition("?")
-    else:  # absolute form (RFC 9112 §3.2.2): the host part is ignored
-        parts = urlsplit(target)
-        path, raw_query = parts.path, parts.query
-    if re.search("%2f", path, re.IGNORECASE):
-        raise _bad_request("percent-encoded slashes are not allowed in the path")
-    try:
-        segments = [unquote(s, errors="strict") for s in path.split("/")]
-        pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=True, max_num_fields=8)
-    except ValueError:  # also UnicodeDecodeError
-        raise _bad_request("malformed path or query string") from None
-    if any(s in (".", "..") for s in segments):
-        raise _bad_request("'.' and '..' are not allowed in the path")
-    query = dict(pairs)
-    if len(query) != len(pairs):
-        raise _bad_request("repeated query parameter")
-    return segments, query
-
-
-async def _dispatch(
-    source: TokenSource, peer: Peer, method: str, target: str, body: bytes, clock: Clock
-) -> _Response:
-    """Route one request; every ApiError becomes its error response."""
-    try:
-        segments, query = _split_target(target)
-        if not segments or segments[0] != "":
-            return _error(404, "not_found", "no such path")
-        for route in _ROUTES:
-            if len(route.parts) != len(segments) - 1:
-                continue
-            pairs = zip(route.parts, segments[1:], strict=True)
-            if all(want == got or (want is None and got) for want, got in pairs):
-                break
-        else:
-            return _error(404, "not_found", "no such path")
-        handler = route.methods.get(method)
-        if handler is None:
-            allow = ", ".join(sorted(route.methods)).encode()
-            return _json(
-                405,
-                {"error": "method_not_allowed", "error_description": f"{method} not allowed"},
-                ((b"allow", allow),),
-            )
-        if unknown := set(query) - route.params:
-            raise _bad_request(f"unknown query parameter {sorted(unknown)[0]!r}")
-        name = segments[1 + route.parts.index(None)] if None in route.parts else ""
-        if None in route.parts and not (_NAME_RE.fullmatch(name) and source.has_connector(name)):
-            shown = name if _NAME_RE.fullmatch(name) else None
-            raise ApiError("unknown_connector", "no such connector", connector=shown)
-        if route.admin and not source.is_admin(peer):
-            raise ApiError(
-                "forbidden",
-                f"only the daemon's user or root may change connectors (peer uid {peer.uid})",
-                connector=name or None,
-                action="run this as the daemon's user or root",
-            )
-        return await handler(_Call(source, peer, name, query, body, clock))
-    except ApiError as exc:
-        return _api_error(exc)
 
 
 # --- connections ----------------------------------------------------------------------------
@@ -484,11 +228,13 @@ class ApiServer:
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 code = "headers_too_large" if status == 431 else "bad_request"
-                response = _error(status, code, "malformed or oversized request")
+                response = error_response(status, code, "malformed or oversized request")
                 await self._send(h11conn, writer, response, close=True, head_only=False)
                 return
             except _BodyTooLargeError:
-                response = _error(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes")
+                response = error_response(
+                    413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes"
+                )
                 await self._send(h11conn, writer, response, close=True, head_only=False)
                 return
             if received is None:
@@ -547,15 +293,15 @@ class ApiServer:
                 else:  # ConnectionClosed between requests
                     return None
 
-    async def _handle(self, peer: Peer, request: h11.Request, body: bytes) -> _Response:
+    async def _handle(self, peer: Peer, request: h11.Request, body: bytes) -> Response:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
         path = target.split("?", 1)[0][:200]
         try:
-            response = await _dispatch(self._source, peer, method, target, body, self._clock)
+            response = await dispatch(self._source, peer, method, target, body, self._clock)
         except Exception:  # the request handler: one of the three broad catches (STYLE)
             logger.exception("request %s %s failed", method, path)
-            response = _error(500, "internal_error", "internal error; see the daemon's log")
+            response = error_response(500, "internal_error", "internal error; see the daemon's log")
         logger.debug("%s %s -> %d (uid %d)", method, path, response.status, peer.uid)
         return response
 
@@ -563,7 +309,7 @@ class ApiServer:
         self,
         h11conn: h11.Connection,
         writer: asyncio.StreamWriter,
-        response: _Response,
+        response: Response,
         *,
         close: bool,
         head_only: bool,
