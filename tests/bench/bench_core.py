@@ -93,6 +93,10 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=10.0, help="seconds to measure idle CPU")
     args = parser.parse_args()
 
+    # A regular install byte-compiles the package (pip does); an editable one under
+    # PYTHONDONTWRITEBYTECODE would recompile tokend on every CLI call, unlike the stdlib floor.
+    package = Path(__file__).resolve().parents[2] / "tokend"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
     root = Path(tempfile.mkdtemp(prefix="tkdb", dir="/tmp"))
     names = [f"c{i:04d}" for i in range(args.connectors)]
     try:
