@@ -21,6 +21,7 @@ gates: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict tokend
 	$(BIN)/mypy tests
+	$(BIN)/mypy --strict contrib/python
 
 # The suite runs under coverage (daemon and CLI subprocesses included) and must keep 90 %.
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.

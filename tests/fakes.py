@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from tokend.clock import isoformat
 from tokend.errors import ApiError
+from tokend.metrics import Metrics
 from tokend.model import Secret, TokenSet
 from tokend.server.api import Peer
 
@@ -40,7 +41,9 @@ class FakeTokenSource:
     Admins are `admin_uids` (default: the test's own uid). `allowed_uids[name]` lists who may read
     that connector's token; a connector missing from it allows everyone.
     `fail[method] = exc` makes that method raise `exc`; `token_delay_s` makes `token` slow, and
-    `token_entered` is set once a `token` call has started.
+    `token_entered` is set once a `token` call has started. `lookups` records every
+    `lookup_done(name, outcome)` the server reports, also counted in `metrics` (a real `Metrics`),
+    which `metrics_text` renders.
     """
 
     def __init__(
@@ -64,6 +67,8 @@ class FakeTokenSource:
         self.grants: dict[str, Mapping[str, object]] = {}
         self.secrets: dict[str, Secret] = {}
         self.degraded = False
+        self.metrics = Metrics()
+        self.lookups: list[tuple[str, str]] = []
 
     def _maybe_fail(self, method: str) -> None:
         if method in self.fail:
@@ -134,3 +139,11 @@ class FakeTokenSource:
 
     def health(self) -> dict[str, object]:
         return {"status": "degraded" if self.degraded else "ok", "connectors": len(self.tokens)}
+
+    def metrics_text(self) -> str:
+        self._maybe_fail("metrics_text")
+        return self.metrics.render(self.statuses(), version="0.0.0-fake", started_at_monotonic=0.0)
+
+    def lookup_done(self, name: str, outcome: str) -> None:
+        self.lookups.append((name, outcome))
+        self.metrics.lookup_done(name, outcome)

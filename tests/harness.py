@@ -181,6 +181,20 @@ async def aget(
 # ----------------------------------------------------------------------------- daemon process
 
 
+# Variables systemd sets for its services: a test passes them explicitly or not at all.
+_SYSTEMD_VARS = {
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "JOURNAL_STREAM",
+    "CREDENTIALS_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "STATE_DIRECTORY",
+}
+
+
 class DaemonProcess:
     """`python -m tokend run` as a child process, its stderr kept in a file."""
 
@@ -190,21 +204,31 @@ class DaemonProcess:
         self.config_path.write_text(to_toml(config))
         self.socket = Path(config["daemon"]["socket"])
         self.log_path = root / f"daemon-{time.monotonic_ns()}.log"
-        self.env = {**os.environ, "TOKEND_CONFIG": str(self.config_path), **(env or {})}
-        self.env.pop("NOTIFY_SOCKET", None)
+        inherited = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
+        self.env = {**inherited, "TOKEND_CONFIG": str(self.config_path), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
 
-    def start(self, *, wait: bool = True, extra_args: tuple[str, ...] = ()) -> DaemonProcess:
+    def start(
+        self,
+        *,
+        wait: bool = True,
+        extra_args: tuple[str, ...] = (),
+        argv: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> DaemonProcess:
+        """Start `python -m tokend -v run` (or `argv`), stdout and stderr into a log file."""
         self.log_path = self.root / f"daemon-{time.monotonic_ns()}.log"
         self.logs.append(self.log_path)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tokend", "-v", *extra_args, "run"],
-                env=self.env,
+                argv or [sys.executable, "-m", "tokend", "-v", *extra_args, "run"],
+                env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                pass_fds=pass_fds,
             )
         if wait:
             self.wait_ready()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
+import sys
 import textwrap
 import tomllib
+import types
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from tokend.config import (
     default_socket_path,
     default_state_dir,
     load_config,
+    module_available,
     parse_duration,
     resolve_allow,
 )
@@ -38,6 +42,7 @@ HINT = 'expected a duration like "30s", "5m", "2h", "7d" or integer seconds'
 BACKEND_FORM = 'expected a dotted class path like "keyring.backends.SecretService.Keyring"'
 HTTPS_ONLY = "must be an https URL (http is allowed only for loopback hosts)"
 ABSOLUTE_URL = 'must be an absolute URL like "https://host.example/path"'
+APPRISE_FORM = 'is not an Apprise URL like "ntfy://ntfy.example/topic" (a scheme, ://, no spaces)'
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
@@ -702,6 +707,13 @@ def test_daemon_keys_parse() -> None:
         ({"exec": ["/bin/page", "a\0b"]}, "exec: must not contain a NUL character"),
         ({"webhook": "http://ntfy.example/tokend"}, f"webhook: {HTTPS_ONLY}"),
         ({"webhook": "ntfy.example/tokend"}, f"webhook: {ABSOLUTE_URL}"),
+        ({"apprise": "ntfy://ntfy.example/t"}, "apprise: expected a list of strings"),
+        ({"apprise": ["ntfy://ntfy.example/t", 1]}, "apprise: expected a list of strings"),
+        ({"apprise": ["ntfy"]}, f"apprise: entry 1 {APPRISE_FORM}"),
+        ({"apprise": ["ntfy://a", "://b"]}, f"apprise: entry 2 {APPRISE_FORM}"),
+        ({"apprise": ["ntfy://a", "gotify://h/tok en"]}, f"apprise: entry 2 {APPRISE_FORM}"),
+        ({"apprise": ["ntfy://a", "ntfy://b\n"]}, f"apprise: entry 2 {APPRISE_FORM}"),
+        ({"apprise": ["ntfy://a", "json://b", "ntfy://a"]}, "apprise: entry 3 repeats entry 1"),
     ],
 )
 def test_alert_keys_are_validated(alerts: dict[str, Any], message: str) -> None:
@@ -722,3 +734,68 @@ def test_alert_keys_parse() -> None:
     assert alerts == AlertSettings(
         exec=("/bin/page-me", ""), webhook="http://127.0.0.1:9/hook", repeat=timedelta(hours=1)
     )
+
+
+@pytest.fixture
+def apprise_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `apprise` look installed (a module with a spec), whether or not it is."""
+    module = types.ModuleType("apprise")
+    module.__spec__ = importlib.machinery.ModuleSpec("apprise", None)
+    monkeypatch.setitem(sys.modules, "apprise", module)
+
+
+@pytest.fixture
+def apprise_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `apprise` look not installed (None in sys.modules marks a blocked import)."""
+    monkeypatch.setitem(sys.modules, "apprise", None)
+
+
+@pytest.mark.usefixtures("apprise_installed")
+def test_apprise_urls_parse_in_order() -> None:
+    """alerts.apprise becomes a tuple of the URLs as written, in order."""
+    alerts = from_toml(
+        """
+        [alerts]
+        apprise = ["ntfy://ntfy.example/tokend", "gotify://gotify.example/AbCdEf", "json://127.0.0.1:9/x"]
+        """
+    ).alerts
+    assert alerts.apprise == (
+        "ntfy://ntfy.example/tokend",
+        "gotify://gotify.example/AbCdEf",
+        "json://127.0.0.1:9/x",
+    )
+    assert AlertSettings().apprise == ()
+
+
+@pytest.mark.usefixtures("apprise_missing")
+def test_apprise_set_but_not_installed_names_the_key_and_the_fix() -> None:
+    """Apprise URLs without apprise installed fail at load, naming the key and the fix."""
+    message = error_of({"alerts": {"apprise": ["gotify://gotify.example/S3CR3T"]}})
+    assert message == (
+        "config.toml: alerts.apprise: is set but apprise is not installed: "
+        "pip install tokend[apprise] (or remove the key)"
+    )
+    assert "S3CR3T" not in message
+
+
+@pytest.mark.usefixtures("apprise_missing")
+def test_empty_apprise_list_needs_no_apprise() -> None:
+    """`apprise = []` configures no Apprise sink, so apprise need not be installed."""
+    assert config_from_mapping(
+        {"alerts": {"apprise": []}}, source="c", env=ENV, uid=UID
+    ).alerts == (AlertSettings())
+
+
+def test_apprise_url_errors_never_quote_the_url() -> None:
+    """An Apprise URL may hold a service token: messages give its entry number, not its text."""
+    message = error_of({"alerts": {"apprise": ["pover://user@T0KEN extra"]}})
+    assert "T0KEN" not in message
+
+
+def test_module_available_finds_installed_modules_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """module_available: true for an importable module, false for a missing or blocked one."""
+    assert module_available("json")
+    assert not module_available("tokend_no_such_module")
+    assert not module_available("tokend_no_such_package.sub")
+    monkeypatch.setitem(sys.modules, "json", None)
+    assert not module_available("json")

@@ -30,6 +30,7 @@ import anyio
 import anyio.to_thread
 import h11
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeTokenSource, make_tokens
 from tokend.errors import ApiError, ConfigError, ExitCode
@@ -343,6 +344,65 @@ async def test_status_routes_answer_anyone(sock_dir: Path) -> None:
     assert [c["connector"] for c in listing.json()["connectors"]] == ["a", "b"]
     assert one.json()["state"] == "ok"
     assert health.json()["status"] == "degraded"
+
+
+@pytest.mark.anyio
+async def test_metrics_route_answers_anyone_in_text_format(sock_dir: Path) -> None:
+    """GET /metrics answers a peer outside every allow list with the source's Prometheus text,
+    as text/plain version 0.0.4, not cached; other methods are 405."""
+    source = FakeTokenSource(allowed_uids={"a": set(), "b": set()}, admin_uids=set())
+    async with serving(source, sock_dir) as path:
+        reply = await call(path, "GET", "/metrics")
+        post = await call(path, "POST", "/metrics")
+        query = await call(path, "GET", "/metrics?x=1")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert reply.headers["cache-control"] == "no-store"
+    families = {f.name for f in text_string_to_metric_families(reply.body.decode())}
+    assert {"tokend_connector_state", "tokend_lookups"} <= families
+    assert 'tokend_connector_state{connector="a",state="ok"} 1' in reply.body.decode()
+    assert post.status == 405
+    assert query.status == 400
+
+
+@pytest.mark.anyio
+async def test_every_lookup_outcome_is_reported(sock_dir: Path) -> None:
+    """Each token request is reported once with its outcome, including those decided by the
+    server itself; a name that is no configured connector is reported as ""."""
+    tokens = {"a": make_tokens("at-a"), "b": None, "c": make_tokens("at-c")}
+    source = FakeTokenSource(tokens, allowed_uids={"c": set()})
+    async with serving(source, sock_dir) as path:
+        targets = [
+            "/v1/connectors/a/token",  # ok
+            "/v1/connectors/a/token?format=raw",  # ok
+            "/v1/connectors/b/token",  # needs_reauth (from the source)
+            "/v1/connectors/c/token",  # forbidden (allow list)
+            "/v1/connectors/a/token?format=xml",  # bad_request (query)
+            "/v1/connectors/nope/token",  # unknown_connector
+            "/v1/connectors/Bad%21/token",  # unknown_connector, invalid name
+            "/v1/connectors/nope/token?colour=red",  # bad_request on an unknown name
+        ]
+        for target in targets:
+            await call(path, "GET", target)
+        source.fail["token"] = ApiError("temporarily_unavailable", "down", retry_after=5)
+        await call(path, "GET", "/v1/connectors/a/token")
+        await call(path, "GET", "/v1/connectors/a")  # not lookups: status and a wrong method
+        await call(path, "POST", "/v1/connectors/a/token")
+        text = (await call(path, "GET", "/metrics")).body.decode()
+    assert source.lookups == [
+        ("a", "ok"),
+        ("a", "ok"),
+        ("b", "needs_reauth"),
+        ("c", "forbidden"),
+        ("a", "bad_request"),
+        ("", "unknown_connector"),
+        ("", "unknown_connector"),
+        ("", "bad_request"),
+        ("a", "temporarily_unavailable"),
+    ]
+    assert 'tokend_lookups_total{connector="a",outcome="ok"} 2' in text
+    assert 'tokend_lookups_total{connector="",outcome="unknown_connector"} 2' in text
+    assert "nope" not in text
 
 
 @pytest.mark.anyio

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def _socket_path(args: argparse.Namespace) -> str:
-    """--socket, else TOKEND_SOCKET, else the config's daemon.socket, else the default."""
+    """--socket, else TOKEND_SOCKET, else the config's daemon.socket, else the default (falling
+    back to the system daemon's socket)."""
     if args.socket:
         return str(args.socket)
     env = os.environ.get("TOKEND_SOCKET")
@@ -34,9 +35,7 @@ def _socket_path(args: argparse.Namespace) -> str:
         return env
     from tokend import paths
 
-    config_path = paths.config_path(args.config)
-    configured = paths.configured_socket(config_path)
-    return str(configured or paths.default_socket_path())
+    return str(paths.client_socket_path(paths.config_path(args.config)))
 
 
 def _load_config(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
@@ -384,7 +383,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     from tokend import offline
 
     config = _load_config(args)
-    return offline.check(config, socket_path=_socket_path(args))
+    code = offline.check(config, socket_path=_socket_path(args))
+    if args.alerts:
+        from tokend.alerts.manager import run_alert_test
+
+        alerts_code = run_alert_test(config)
+        code = code or alerts_code
+    return code
+
+
+def cmd_alert(args: argparse.Namespace) -> int:
+    """`tokend alert --unit NAME`: the OnFailure= unit's way to say the daemon itself died."""
+    configure_logging(args.verbose)
+    from tokend.alerts.manager import run_alert_command
+
+    return run_alert_command(_load_config(args), args.unit, args.result)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -409,17 +422,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def configure_logging(verbose: int) -> None:
-    """stderr logging; under systemd (JOURNAL_STREAM set) without timestamps."""
-    import logging
+    from tokend import logs
 
-    level = logging.DEBUG if verbose > 0 else logging.INFO
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    for noisy in ("httpx", "httpcore", "apscheduler", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(verbose)
 
 
 # ----------------------------------------------------------------------------- argparse
@@ -478,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, func, text)
         p.add_argument("name", metavar="NAME")
-    add("check", cmd_check, "validate config, keyring, socket directory and token endpoints")
+    p = add("check", cmd_check, "validate config, keyring, socket directory and token endpoints")
+    p.add_argument("--alerts", action="store_true", help="also send a test alert to every sink")
+    p = add("alert", cmd_alert, "send a daemon_failed alert (for an OnFailure= unit)")
+    p.add_argument("--unit", required=True, help="the unit that failed (%%i in the unit file)")
+    p.add_argument("--result", help="why it failed (default: $MONITOR_SERVICE_RESULT)")
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import importlib.util
 import ipaddress
 import json
 import os
@@ -65,8 +66,11 @@ class DaemonSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AlertSettings:
+    """Where alerts go (DESIGN §7): an argv, a webhook URL and Apprise URLs, any combination."""
+
     exec: tuple[str, ...] | None = None
     webhook: str | None = None
+    apprise: tuple[str, ...] = ()  # Apprise URLs; they may hold a service token, so never logged
     repeat: timedelta = timedelta(hours=6)
 
 
@@ -165,6 +169,9 @@ def resolve_allow(text: str, *, where: str) -> AllowRule:
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _NAME_RE = re.compile(NAME_PATTERN)
 _SCOPE_TOKEN_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token
+# An Apprise URL: a scheme, "://", then anything printable without spaces (each plugin parses the
+# rest itself, so the daemon checks the form here and lets Apprise judge the details at start).
+_APPRISE_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[\x21-\x7e]*")
 _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, less the terminating NUL
 _CLIENT_AUTHS: tuple[ClientAuth, ...] = ("client_secret_basic", "client_secret_post", "none")
 _REFRESH_KEYS = ("skew", "min_interval", "max_interval", "default_lifetime")
@@ -353,8 +360,38 @@ def _daemon(table: _Table, env: Mapping[str, str] | None, uid: int | None) -> Da
     return replace(defaults, **changes)
 
 
+def module_available(name: str) -> bool:
+    """Whether `import name` would find the module, without importing it (a cheap check at load)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module without a spec
+        return False
+
+
+def _apprise_urls(table: _Table) -> tuple[str, ...]:
+    urls = table.strings("apprise")
+    if not urls:
+        return ()
+    for number, url in enumerate(urls, 1):
+        # Apprise URLs often carry a service token: messages give the entry's number, never the URL.
+        if not _APPRISE_URL_RE.fullmatch(url):
+            table.fail(
+                "apprise",
+                f'entry {number} is not an Apprise URL like "ntfy://ntfy.example/topic" '
+                "(a scheme, ://, no spaces)",
+            )
+        if url in urls[: number - 1]:
+            table.fail("apprise", f"entry {number} repeats entry {urls.index(url) + 1}")
+    if not module_available("apprise"):
+        table.fail(
+            "apprise",
+            "is set but apprise is not installed: pip install tokend[apprise] (or remove the key)",
+        )
+    return tuple(urls)
+
+
 def _alerts(table: _Table) -> AlertSettings:
-    table.check_keys(("exec", "webhook", "repeat"))
+    table.check_keys(("exec", "webhook", "apprise", "repeat"))
     changes: dict[str, Any] = {}
     argv = table.strings("exec")
     if argv is not None:
@@ -368,6 +405,7 @@ def _alerts(table: _Table) -> AlertSettings:
     webhook = table.endpoint_url("webhook")
     if webhook is not None:
         changes["webhook"] = webhook
+    changes["apprise"] = _apprise_urls(table)
     repeat = table.duration("repeat", positive=True)
     if repeat is not None:
         changes["repeat"] = repeat

@@ -17,20 +17,23 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from tokend import __version__
+from tokend.alerts.manager import AlertManager
 from tokend.clock import Clock, SystemClock
-from tokend.config import Config, ConnectorConfig
+from tokend.config import Config, ConnectorConfig, load_config
 from tokend.errors import ApiError, ConfigError, StoreError
+from tokend.metrics import Metrics
 from tokend.model import ConnectorState, Secret, State, TokenSet
-from tokend.notify import Notifier
+from tokend.notify import Notifier, Watchdog, watchdog_interval_s
 from tokend.oauth.client import OAuthClient, make_http_client
-from tokend.refresher import Connector
+from tokend.refresher import Connector, action_for
 from tokend.scheduler import RefreshScheduler
 from tokend.server.api import Peer
-from tokend.server.http import ApiServer
+from tokend.server.http import ApiServer, inherited_socket
 from tokend.store import GrantStore, KeyringStore, StateDirLock, StateFile
 
 if TYPE_CHECKING:
@@ -73,22 +76,35 @@ class Daemon:
         self._uid = os.getuid()
         self.server: ApiServer | None = None
         self.scheduler: RefreshScheduler | None = None
+        self.watchdog: Watchdog | None = None
+        self.metrics = Metrics()
+        self.alerts = AlertManager(config.alerts, clock=self.clock)
         self.store_backend = "?"
+        self.config_error: str | None = None  # the last reload's error; the old config runs on
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._grants: GrantStore | None = None
+        self._oauth: OAuthClient | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         """Run until `stop_event` is set (SIGTERM/SIGINT); raises TokendError if start-up fails."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers = {
+            signal.SIGTERM: self.stop_event.set,
+            signal.SIGINT: self.stop_event.set,
+            signal.SIGHUP: self.request_reload,
+        }
+        for sig, handler in handlers.items():
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stop_event.set)
+                loop.add_signal_handler(sig, handler)
         self._lock.acquire()
         try:
             await self._run_locked()
         finally:
             self._lock.release()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
 
@@ -108,23 +124,27 @@ class Daemon:
         self.scheduler = RefreshScheduler(
             self._run_refresh, self._due, self.clock, recheck_s=self.recheck_s
         )
+        self._grants, self._oauth = store, oauth
         for name, conn_config in self.config.connectors.items():
-            self.connectors[name] = Connector(
-                conn_config,
-                store=store,
-                oauth=oauth,
-                clock=self.clock,
-                schedule=self._schedule,
-                listener=self._on_change,
-                backoff_scale=self.backoff_scale,
-            )
+            self.connectors[name] = self._make_connector(conn_config)
         flusher: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
         try:
+            await self.alerts.start()
             await asyncio.gather(*(c.start(saved.get(n)) for n, c in self.connectors.items()))
             self.server = ApiServer(self)
-            await self.server.start(self.config.daemon.socket, group=self._socket_gid())
+            inherited = inherited_socket()
+            if inherited is not None:
+                await self.server.start_from_socket(inherited)
+                logger.info("listening on the socket systemd passed")
+            else:
+                await self.server.start(self.config.daemon.socket, group=self._socket_gid())
             self.scheduler.start()
             flusher = asyncio.create_task(self._flush_loop(), name="state flush")
+            interval = watchdog_interval_s()
+            if interval is not None:
+                self.watchdog = Watchdog(self.notifier, interval, self.health_problem)
+                watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
             self.ready_event.set()
             self.notifier.ready(self.summary())
             logger.info(
@@ -138,14 +158,17 @@ class Daemon:
             logger.info("stopping")
             await self._shutdown()
         finally:
-            if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+            for task in (flusher, watchdog, *self._background):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if self.server is not None:
                 await self.server.close()
             if self.scheduler.running:
                 await self.scheduler.shutdown()
+            await self.alerts.close()
+            self.notifier.close()
             await oauth.aclose()
             if self._http is None:
                 await http.aclose()
@@ -165,6 +188,110 @@ class Daemon:
                 logger.error("refreshes still in flight after %ds; exiting", SHUTDOWN_GRACE_S)
         await self._flush_state()
 
+    def _make_connector(self, conn_config: ConnectorConfig) -> Connector:
+        if self._grants is None or self._oauth is None:
+            raise RuntimeError("connectors are made once the store and the client exist")
+        return Connector(
+            conn_config,
+            store=self._grants,
+            oauth=self._oauth,
+            clock=self.clock,
+            schedule=self._schedule,
+            listener=self._on_change,
+            backoff_scale=self.backoff_scale,
+            report=self.metrics.refresh_done,
+        )
+
+    def health_problem(self) -> str | None:
+        """Why the daemon is not healthy (the watchdog withholds its ping), or None."""
+        scheduler = self.scheduler
+        if scheduler is None or not scheduler.running:
+            return "the scheduler is not running"
+        last = scheduler.last_recheck
+        stalled = 0.0 if last is None else self.clock.monotonic() - last
+        if last is None or stalled > 3 * scheduler.recheck_s + 1:
+            return f"the wall-clock re-check has not run for {stalled:.0f}s"
+        return None
+
+    # ----------------------------------------------------------------- reload (SIGHUP)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background; reloads never overlap."""
+        task = asyncio.create_task(self._reload_quietly(), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_quietly(self) -> None:
+        await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it: add, remove and change connectors, keeping every
+        stored token and letting refreshes in flight finish. An invalid file changes nothing:
+        the error is logged and shown in STATUS and health. Returns whether it was applied."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            path = self.config.path
+            try:
+                if path is None:
+                    raise ConfigError("no configuration file to reload (started without one)")
+                new = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                logger.error("reload failed; the running configuration stays: %s", exc)
+                self.notifier.ready(self.summary())
+                return False
+            try:
+                await self.alerts.reconfigure(new.alerts)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                logger.error("reload failed; the running configuration stays: %s", exc)
+                self.notifier.ready(self.summary())
+                return False
+            self.config_error = None
+            await self._apply(new)
+            logger.info("reloaded %s: %d connectors", path, len(self.connectors))
+            self.notifier.ready(self.summary())
+            return True
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        if new.daemon != old.daemon:
+            changed = [
+                f"daemon.{key}"
+                for key in (
+                    "socket",
+                    "socket_group",
+                    "state_dir",
+                    "keyring_service",
+                    "keyring_backend",
+                )
+                if getattr(new.daemon, key) != getattr(old.daemon, key)
+            ]
+            logger.warning("%s changed: restart tokend to apply", ", ".join(changed))
+        self.config = replace(new, daemon=old.daemon)
+        for name in sorted(set(old.connectors) - set(new.connectors)):
+            connector = self.connectors.pop(name)
+            if self.scheduler is not None:
+                self.scheduler.cancel(name)
+            await connector.wait_idle()  # a refresh in flight is persisted, not dropped
+            self.metrics.forget(name)
+            self.alerts.forget(name)
+            logger.info("%s: removed from the configuration", name)
+        added: list[Connector] = []
+        for name, conn_config in new.connectors.items():
+            existing = self.connectors.get(name)
+            if existing is None:
+                created = self._make_connector(conn_config)
+                self.connectors[name] = created
+                added.append(created)
+            elif conn_config != existing.config:
+                existing.reconfigure(conn_config)
+                logger.info("%s: configuration changed", name)
+        await asyncio.gather(*(connector.start(None) for connector in added))
+        for connector in added:
+            logger.info("%s: added (%s)", connector.name, connector.state.value)
+        self._state_dirty.set()
+
     def _socket_gid(self) -> int | None:
         group = self.config.daemon.socket_group
         if group is None:
@@ -179,6 +306,7 @@ class Daemon:
     def _schedule(self, name: str, when: datetime | None) -> None:
         if self.scheduler is not None:
             self.scheduler.schedule(name, when)
+        self._state_dirty.set()  # the next flush also refreshes STATUS's "next refresh"
 
     async def _run_refresh(self, name: str) -> None:
         connector = self.connectors.get(name)
@@ -192,15 +320,28 @@ class Daemon:
 
     def _on_change(self, connector: Connector, old: State) -> None:
         self._state_dirty.set()
+        record = connector.record
         if connector.state != old:
             logger.debug("%s: %s -> %s", connector.name, old.value, connector.state.value)
-            if self.ready_event.is_set():
-                self.notifier.status(self.summary())
+            self.alerts.observe(
+                connector.name,
+                connector.state.value,
+                reason=record.last_error,
+                action=action_for(connector.name, connector.state, record.last_error),
+                since=record.since,
+                attempts=record.consecutive_failures or None,
+            )
+        if connector.unpersisted:
+            reason = record.last_error or "keyring write failed"
+            self.alerts.persist_failed(connector.name, reason=reason, since=self.clock.now())
+        else:
+            self.alerts.persist_recovered(connector.name)
 
     async def _flush_loop(self) -> None:
         while True:
             await self._state_dirty.wait()
             await asyncio.sleep(STATE_FLUSH_DELAY_S)
+            self.notifier.status(self.summary())
             await self._flush_state()
 
     async def _flush_state(self) -> None:
@@ -224,6 +365,8 @@ class Daemon:
             default=None,
         )
         text = parts or "no connectors"
+        if self.config_error is not None:
+            text = f"config reload failed, previous config runs: {self.config_error}; " + text
         if nxt is not None:
             secs = max(0, int((nxt[0] - self.clock.now()).total_seconds()))
             text += f"; next refresh {nxt[1]} in {_human(secs)}"
@@ -292,11 +435,23 @@ class Daemon:
         if connector.state is State.REJECTED and connector.token is not None:
             await connector.refresh(forced=True)
 
+    def metrics_text(self) -> str:
+        return self.metrics.render(
+            self.statuses(), version=__version__, started_at_monotonic=self._started_at
+        )
+
+    def lookup_done(self, name: str, outcome: str) -> None:
+        self.metrics.lookup_done(name, outcome)
+
     def health(self) -> dict[str, object]:
         counts = Counter(c.state.value for c in self.connectors.values())
         bad = {State.EXPIRED, State.NEEDS_REAUTH, State.REJECTED, State.UNAUTHORIZED}
         healthy_scheduler = self.scheduler is not None and self.scheduler.running
-        degraded = not healthy_scheduler or any(State(s) in bad for s in counts)
+        degraded = (
+            not healthy_scheduler
+            or self.config_error is not None
+            or any(State(s) in bad for s in counts)
+        )
         return {
             "status": "degraded" if degraded else "ok",
             "version": __version__,
@@ -304,6 +459,7 @@ class Daemon:
             "connectors": dict(sorted(counts.items())),
             "keyring_backend": self.store_backend,
             "scheduler": "running" if healthy_scheduler else "stopped",
+            "config_error": self.config_error,
             "summary": self.summary(),
         }
 

@@ -7,8 +7,11 @@ sanitised to printable latin-1 here and the first failure to send is logged once
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 
 import sdnotify
 
@@ -62,6 +65,16 @@ class Notifier:
     def stopping(self) -> None:
         self._send("STOPPING=1")
 
+    def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None
+
+    def reloading(self) -> None:
+        """RELOADING=1 with the CLOCK_MONOTONIC timestamp systemd (253+) asks for."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
 
 def watchdog_interval_s(env: dict[str, str] | None = None) -> float | None:
     """Half of `WATCHDOG_USEC` when systemd set it for this process, else None."""
@@ -74,3 +87,37 @@ def watchdog_interval_s(env: dict[str, str] | None = None) -> float | None:
         return max(0.05, int(usec) / 2_000_000)
     except ValueError:
         return None
+
+
+class Watchdog:
+    """Sends WATCHDOG=1 every `interval_s` while `healthy()` says so, from the event loop.
+
+    A wedged loop sends nothing because this task cannot run; a wedged scheduler sends nothing
+    because `healthy()` says so: either way systemd's WatchdogSec= restarts the daemon.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        interval_s: float,
+        healthy: Callable[[], str | None],
+    ) -> None:
+        self._notifier = notifier
+        self.interval_s = interval_s
+        self._healthy = healthy  # None when healthy, else the reason it is not
+        self._withheld: str | None = None
+        self.pings = 0
+
+    async def run(self) -> None:
+        while True:
+            problem = self._healthy()
+            if problem is None:
+                if self._withheld is not None:
+                    logger.warning("watchdog: healthy again; pinging systemd")
+                    self._withheld = None
+                self._notifier.watchdog()
+                self.pings += 1
+            elif problem != self._withheld:
+                logger.error("watchdog: %s; withholding WATCHDOG=1 so systemd restarts us", problem)
+                self._withheld = problem
+            await asyncio.sleep(self.interval_s)

@@ -107,3 +107,30 @@ def configured_socket(path: Path) -> Path | None:
     daemon = data.get("daemon")
     value = daemon.get("socket") if isinstance(daemon, dict) else None
     return Path(value) if isinstance(value, str) and value else None
+
+
+SYSTEM_CONFIG = Path("/etc/tokend/config.toml")
+SYSTEM_SOCKET = Path("/run/tokend/tokend.sock")
+
+
+def client_socket_path(
+    config: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    system_config: Path = SYSTEM_CONFIG,
+    system_socket: Path = SYSTEM_SOCKET,
+) -> Path:
+    """Where a client command finds the daemon when neither --socket nor TOKEND_SOCKET says.
+
+    The config's `daemon.socket`, else the default for this user; and when that is absent, the
+    system daemon's (`/etc/tokend/config.toml`'s socket, else /run/tokend/tokend.sock), so a
+    job in a login session reaches the system daemon without setting TOKEND_SOCKET.
+    """
+    configured = configured_socket(config)
+    if configured is not None:
+        return configured
+    default = default_socket_path(env)
+    if default.exists():
+        return default
+    system = configured_socket(system_config) or system_socket
+    return system if system.exists() else default

@@ -39,6 +39,9 @@ LOOKUP_WAIT_S = 10.0  # how long a lookup waits for a refresh it needs (DESIGN ย
 
 Schedule = Callable[[str, datetime | None], None]
 Listener = Callable[["Connector", State], None]
+# (connector, outcome, seconds) per refresh attempt; outcome is one of "ok", "transient",
+# "invalid_grant", "rejected", "persist_failed".
+Report = Callable[[str, str, float], None]
 
 
 def action_for(name: str, state: State, last_error: str | None = None) -> str | None:
@@ -56,7 +59,7 @@ def action_for(name: str, state: State, last_error: str | None = None) -> str | 
             f"tokend refresh {name}"
         )
     if state is State.EXPIRED:
-        return "none if the token endpoint comes back; check its reachability"
+        return "tokend check"  # it probes the token endpoint; retries go on meanwhile
     return None
 
 
@@ -74,6 +77,7 @@ class Connector:
         listener: Listener,
         rng: random.Random | None = None,
         backoff_scale: float = 1.0,
+        report: Report | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -84,6 +88,7 @@ class Connector:
         self._listener = listener
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._backoff_scale = backoff_scale  # tests shrink the backoff; production keeps 1
+        self._report: Report = report or (lambda _name, _outcome, _seconds: None)
         self.token: TokenSet | None = None
         self.record = ConnectorState()
         self._unpersisted: TokenSet | None = None  # refreshed, not yet in the store
@@ -119,7 +124,8 @@ class Connector:
         try:
             token = await asyncio.to_thread(self.store.load, self.name)
         except StoreError as exc:
-            logger.error(
+            # WARNING: the `rejected` alert that follows is the ERROR line a human acts on.
+            logger.warning(
                 "%s: stored grant unreadable: %s; run: tokend import %s", self.name, exc, self.name
             )
             self._set(state=State.REJECTED, last_error=str(exc))
@@ -153,6 +159,18 @@ class Connector:
         else:
             self._set(state=State.OK if serving else State.EXPIRED, retry_at=None)
             self._schedule_at(self._planned_refresh(token))
+
+    @property
+    def unpersisted(self) -> bool:
+        """A refreshed token set is held in memory because the keyring write failed."""
+        return self._unpersisted is not None
+
+    def reconfigure(self, config: ConnectorConfig) -> None:
+        """Adopt a changed config (same name; a reload), keeping tokens, and re-plan the refresh
+        unless a retry or a human is awaited."""
+        self.config = config
+        if self.token is not None and not self.state.is_terminal and self.record.retry_at is None:
+            self._schedule_at(self._planned_refresh(self.token))
 
     # ----------------------------------------------------------------- refresh
 
@@ -199,29 +217,35 @@ class Connector:
 
     async def _refresh_from(self, current: TokenSet) -> None:
         self._set(state=State.REFRESHING)
+        started = self.clock.monotonic()
+        outcome = "transient"
+        try:
+            outcome = await self._attempt(current)
+        finally:
+            self._report(self.name, outcome, self.clock.monotonic() - started)
+
+    async def _attempt(self, current: TokenSet) -> str:
+        """One refresh attempt; returns its outcome for metrics (see `Report`)."""
         try:
             secret = await self._client_secret()
             result = await self.oauth.refresh(self.config, current, secret)
         except InvalidGrantError as exc:
             await self._on_invalid_grant(current, exc)
-            return
-        except SecretMissingError as exc:
+            return "invalid_grant"
+        except (SecretMissingError, OAuthError) as exc:
             self._terminal(State.REJECTED, self._reason(exc))
-            return
-        except OAuthError as exc:
-            self._terminal(State.REJECTED, self._reason(exc))
-            return
+            return "rejected"
         except (TransientError, StoreError) as exc:
             retry_after = exc.retry_after if isinstance(exc, TransientError) else None
             self._transient(current, self._reason(exc), retry_after=retry_after)
-            return
+            return "transient"
         except Exception:
             # A bug must not stop this connector for good: treat it as transient, loudly.
             logger.exception("%s: refresh failed unexpectedly", self.name)
             self._transient(current, "internal error during refresh", retry_after=None)
-            return
+            return "transient"
         self._set(clock_offset_s=result.clock_offset_s)
-        await self._persist(result.token, current)
+        return "ok" if await self._persist(result.token, current) else "persist_failed"
 
     async def _client_secret(self) -> Secret | None:
         if self.config.client_auth == "none":
@@ -256,7 +280,8 @@ class Connector:
     def _terminal(self, state: State, reason: str) -> None:
         self._set(state=state, last_error=reason, retry_at=None)
         self._schedule_at(None)
-        logger.error("%s: %s; run: %s", self.name, reason, action_for(self.name, state, reason))
+        # WARNING: the alert for this state is the ERROR line (one per incident, DESIGN ยง7).
+        logger.warning("%s: %s; run: %s", self.name, reason, action_for(self.name, state, reason))
 
     def _transient(self, current: TokenSet, reason: str, *, retry_after: float | None) -> None:
         now = self.clock.now()
@@ -279,8 +304,9 @@ class Connector:
             "" if serving else "; the access token has expired",
         )
 
-    async def _persist(self, new: TokenSet, current: TokenSet) -> None:
-        """Store the refreshed token set, read it back, then serve it."""
+    async def _persist(self, new: TokenSet, current: TokenSet) -> bool:
+        """Store the refreshed token set, read it back, then serve it; False if the write failed
+        (the set is then served from memory and the write retried)."""
         try:
             saved = await asyncio.to_thread(
                 self.store.save, self.name, new, expected_generation=current.generation
@@ -291,14 +317,15 @@ class Connector:
             stored = await asyncio.to_thread(self.store.load, self.name)
             if stored is not None:
                 self._adopt(stored)
-            return
+            return True
         except StoreError as exc:
             # Remember which stored generation the unpersisted set descends from.
             self._persist_failed(new.with_generation(current.generation), self._reason(exc))
-            return
+            return False
         self._unpersisted = None
         self._persist_failures = 0
         self._adopt(saved, refreshed=True)
+        return True
 
     def _persist_failed(self, new: TokenSet, reason: str) -> None:
         # Never drop a rotated refresh token: keep it in memory and serve from it.
@@ -320,7 +347,7 @@ class Connector:
             retry_at=None,
         )
         self._schedule_at(when)
-        logger.error(
+        logger.warning(  # the persist_failed alert is the ERROR line
             "%s: refreshed, but the keyring write failed (%s); serving from memory, "
             "retrying the write; run: tokend check",
             self.name,
@@ -538,6 +565,6 @@ class Connector:
             "clock_offset_s": record.clock_offset_s,
             "refreshes": record.refreshes,
             "has_refresh_token": token is not None and token.refresh_token is not None,
-            "unpersisted": self._unpersisted is not None,
+            "unpersisted": self.unpersisted,
             "token_url": self.config.token_url,
         }

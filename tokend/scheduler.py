@@ -86,7 +86,13 @@ class RefreshScheduler:
 
     async def _recheck_loop(self) -> None:
         while True:
-            self.recheck_now()
+            try:
+                self.recheck_now()
+            except Exception:
+                # A bug here stops the re-checks; the watchdog then stops pinging and systemd
+                # restarts the daemon, which beats refreshing on a broken schedule.
+                logger.exception("wall-clock re-check failed; stopping it")
+                raise
             await asyncio.sleep(self.recheck_s)
 
     def recheck_now(self) -> None:

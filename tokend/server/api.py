@@ -1,9 +1,10 @@
 """The socket API (DESIGN §5): routing, handlers and JSON/error shaping over a `TokenSource`.
 
 Owns the `TokenSource` protocol the daemon implements, the `Peer` a request comes from, the routes
-and who may call them, and turning every `ApiError` into its JSON error response. Knows nothing of
-sockets or HTTP framing (that is `tokend.server.http`); never refreshes, stores or decides
-anything about tokens, and never logs.
+and who may call them, and turning every `ApiError` into its JSON error response. Reports the
+outcome of every token lookup to the source (for metrics), since some outcomes (forbidden, unknown
+connector, a bad query) are decided here. Knows nothing of sockets or HTTP framing (that is
+`tokend.server.http`); never refreshes, stores or decides anything about tokens, and never logs.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class TokenSource(Protocol):
     async def forget_grant(self, name: str) -> dict[str, object]: ...
     async def store_secret(self, name: str, secret: Secret) -> None: ...
     def health(self) -> dict[str, object]: ...
+    def metrics_text(self) -> str: ...
+    def lookup_done(self, name: str, outcome: str) -> None:
+        """Count one token lookup: `outcome` is "ok" or the ApiError code it answered; `name` is
+        "" when the request named no configured connector."""
+        ...
 
 
 # --- routes: plain functions over a TokenSource ---------------------------------------------
@@ -127,6 +133,10 @@ async def _health(call: _Call) -> Response:
     return _json(200, call.source.health())
 
 
+async def _metrics(call: _Call) -> Response:
+    return Response(200, call.source.metrics_text().encode(), METRICS_CONTENT_TYPE)
+
+
 async def _token(call: _Call) -> Response:
     fmt = call.query.get("format", "json")
     if fmt not in ("json", "raw"):
@@ -188,6 +198,9 @@ async def _store_secret(call: _Call) -> Response:
 
 _Handler = Callable[[_Call], Awaitable[Response]]
 
+# The Prometheus text exposition format, version 0.0.4 (what tokend.metrics renders).
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
 
 @dataclass(frozen=True, slots=True)
 class _Route:
@@ -195,12 +208,18 @@ class _Route:
     methods: Mapping[str, _Handler]
     params: frozenset[str] = frozenset()
     admin: bool = False
+    lookup: bool = False  # every outcome is reported with TokenSource.lookup_done
 
 
 _ROUTES = (
     _Route(("v1", "connectors"), {"GET": _list_connectors}),
     _Route(("v1", "connectors", None), {"GET": _connector_status}),
-    _Route(("v1", "connectors", None, "token"), {"GET": _token}, frozenset({"format", "min_ttl"})),
+    _Route(
+        ("v1", "connectors", None, "token"),
+        {"GET": _token},
+        frozenset({"format", "min_ttl"}),
+        lookup=True,
+    ),
     _Route(("v1", "connectors", None, "refresh"), {"POST": _refresh}, admin=True),
     _Route(
         ("v1", "connectors", None, "grant"),
@@ -209,6 +228,7 @@ _ROUTES = (
     ),
     _Route(("v1", "connectors", None, "secret"), {"PUT": _store_secret}, admin=True),
     _Route(("v1", "health"), {"GET": _health}),
+    _Route(("metrics",), {"GET": _metrics}),
 )
 
 
@@ -258,19 +278,37 @@ async def dispatch(
                 {"error": "method_not_allowed", "error_description": f"{method} not allowed"},
                 ((b"allow", allow),),
             )
-        if unknown := set(query) - route.params:
-            raise _bad_request(f"unknown query parameter {sorted(unknown)[0]!r}")
         name = segments[1 + route.parts.index(None)] if None in route.parts else ""
-        if None in route.parts and not (_NAME_RE.fullmatch(name) and source.has_connector(name)):
-            shown = name if _NAME_RE.fullmatch(name) else None
-            raise ApiError("unknown_connector", "no such connector", connector=shown)
-        if route.admin and not source.is_admin(peer):
-            raise ApiError(
-                "forbidden",
-                f"only the daemon's user or root may change connectors (peer uid {peer.uid})",
-                connector=name or None,
-                action="run this as the daemon's user or root",
-            )
-        return await handler(_Call(source, peer, name, query, body, clock))
+        known = bool(_NAME_RE.fullmatch(name)) and source.has_connector(name)
+        call = _Call(source, peer, name, query, body, clock)
+        if not route.lookup:
+            return await _checked(route, handler, call, known=known)
+        # A name that is no configured connector is the client's choice: not a label value.
+        label = name if known else ""
+        try:
+            response = await _checked(route, handler, call, known=known)
+        except ApiError as exc:
+            source.lookup_done(label, exc.code)
+            raise
+        source.lookup_done(label, "ok")
+        return response
     except ApiError as exc:
         return _api_error(exc)
+
+
+async def _checked(route: _Route, handler: _Handler, call: _Call, *, known: bool) -> Response:
+    """Check the query, the connector and admin rights, then run the handler; raises ApiError."""
+    if unknown := set(call.query) - route.params:
+        raise _bad_request(f"unknown query parameter {sorted(unknown)[0]!r}")
+    name = call.name
+    if None in route.parts and not known:
+        shown = name if _NAME_RE.fullmatch(name) else None
+        raise ApiError("unknown_connector", "no such connector", connector=shown)
+    if route.admin and not call.source.is_admin(call.peer):
+        raise ApiError(
+            "forbidden",
+            f"only the daemon's user or root may change connectors (peer uid {call.peer.uid})",
+            connector=name or None,
+            action="run this as the daemon's user or root",
+        )
+    return await handler(call)

@@ -370,3 +370,29 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise SocketInUseError(f"{path}: another process is serving on this socket (another tokend?)")
+
+
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
+
+
+def inherited_socket(env: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening AF_UNIX socket systemd passed (socket activation), else None.
+
+    Honours `LISTEN_PID` (the variables are meant for this process only) and unsets the
+    variables so children do not inherit them, like sd_listen_fds(unset_environment=1). Raises
+    ConfigError when systemd passed something that is not one listening unix stream socket.
+    """
+    environ = os.environ if env is None else env
+    fds, pid = environ.get("LISTEN_FDS"), environ.get("LISTEN_PID")
+    if not fds or pid != str(os.getpid()):
+        return None
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if fds != "1":
+        raise ConfigError(f"socket activation: expected 1 socket, systemd passed {fds}")
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError("socket activation: the passed socket is not a unix stream socket")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
