@@ -287,7 +287,6 @@ async def _wait_for(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="daemon wiring pending")
 @pytest.mark.anyio
 async def test_metrics_match_status(tmp_short, auth: AuthServer) -> None:
     """A running daemon's GET /metrics agrees with its status after lookups, a forced refresh and

@@ -59,7 +59,7 @@ class Metrics:
         self._lookups: dict[str, dict[str, int]] = {}
 
     def refresh_done(self, connector: str, outcome: str, seconds: float) -> None:
-        """Count one refresh attempt and observe how long its token call took.
+        """Count one refresh attempt and observe how long it took (token call, keyring write).
 
         Raises ValueError for an outcome outside REFRESH_OUTCOMES or a non-finite duration.
         """
@@ -169,7 +169,9 @@ class Metrics:
 
     def _render_durations(self, out: list[str], names: Iterable[str]) -> None:
         metric = "tokend_refresh_duration_seconds"
-        _family(out, metric, "histogram", "How long refresh attempts' token calls took.")
+        _family(
+            out, metric, "histogram", "Seconds per refresh attempt (token call and keyring write)."
+        )
         bounds = [*(_number(b) for b in DURATION_BUCKETS), "+Inf"]
         empty = _Histogram()
         for name in names:
