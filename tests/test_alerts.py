@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
+from tokend.alerts.command import run_alert_command, run_alert_test
 from tokend.alerts.event import check_event, daemon_failed_event
-from tokend.alerts.manager import AlertManager, run_alert_command, run_alert_test
+from tokend.alerts.manager import AlertManager
 from tokend.clock import SystemClock
 from tokend.config import AlertSettings, Config, DaemonSettings
 from tokend.errors import ConfigError, ExitCode

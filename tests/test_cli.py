@@ -610,3 +610,13 @@ def test_check_without_daemon(tmp_short, auth):
     failed = [line for line in down.stdout.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1, down.stdout
     assert failed[0].split()[1] == "demo"
+
+
+def test_alert_command_without_sinks(tmp_short, auth):
+    """`alert --unit U` with no sink configured logs the daemon_failed alert and exits 0."""
+    daemon = _daemon(tmp_short, auth.token_url)
+    result = daemon.cli("alert", "--unit", "tokend.service", "--result", "watchdog")
+    assert result.returncode == 0, _why(result)
+    assert "no alert sinks configured" in result.stdout
+    assert "alert daemon_failed: The tokend service tokend.service failed on" in result.stderr
+    assert "(watchdog)" in result.stderr

@@ -99,6 +99,7 @@ async def test_needs_reauth_alert_reminder_and_recovered(tmp_short):
                 await asyncio.sleep(0.5)
     finally:
         receiver.close()
+    print(json.dumps(first))  # with -s: an alert as the webhook received it
     assert first["event"] == "needs_reauth"
     assert first["connector"] == "demo"
     assert first["severity"] == "critical"

@@ -1,9 +1,10 @@
-"""The `tokend` command: argparse, the socket client, exit codes, and logging set-up.
+"""The `tokend` command: argparse, the client commands, exit codes and error lines.
 
 Client commands (`token`, `header`, `headers`, `exec`, `status`) use only the standard library's
 `http.client` over AF_UNIX and import nothing heavy (no httpx, no APScheduler, no keyring), so a
-job script pays little for them. Only `main` exits; every error prints one line on stderr that
-names the connector and the action.
+job script pays little for them. The admin commands live in `tokend.admin`, imported only when one
+runs. Only `main` exits; every error prints one line on stderr that names the connector and the
+action.
 """
 
 from __future__ import annotations
@@ -13,36 +14,19 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokend import __version__
 from tokend.client import request_json
-from tokend.errors import ApiError, DaemonUnavailableError, ExitCode, TokendError
-
-if TYPE_CHECKING:
-    from tokend.config import Config
+from tokend.errors import ApiError, ExitCode, TokendError
 
 # ----------------------------------------------------------------------------- where things are
 
 
 def _socket_path(args: argparse.Namespace) -> str:
-    """--socket, else TOKEND_SOCKET, else the config's daemon.socket, else the default (falling
-    back to the system daemon's socket)."""
-    if args.socket:
-        return str(args.socket)
-    env = os.environ.get("TOKEND_SOCKET")
-    if env:
-        return env
     from tokend import paths
 
-    return str(paths.client_socket_path(paths.config_path(args.config)))
-
-
-def _load_config(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
-    from tokend import paths
-    from tokend.config import load_config
-
-    return load_config(paths.config_path(args.config), missing_ok=missing_ok)
+    return paths.socket_path(args.socket, args.config)
 
 
 # ----------------------------------------------------------------------------- output helpers
@@ -251,180 +235,17 @@ def _span(secs: int) -> str:
 # ----------------------------------------------------------------------------- admin commands
 
 
-def _daemon_or_direct(
-    args: argparse.Namespace,
-    via_socket: Callable[[str], int],
-    direct: Callable[[Config], int],
-) -> int:
-    """Through the daemon when it runs (its keyring is used), else on the store directly while
-    holding the state directory's lock (so a daemon starting meanwhile cannot race us)."""
-    socket_path = _socket_path(args)
-    try:
-        return via_socket(socket_path)
-    except DaemonUnavailableError as unavailable:
-        if "permission denied" in str(unavailable):
-            raise
-        config = _load_config(args)
-        from tokend.errors import StateLockedError
-        from tokend.store import StateDirLock
+def _admin(name: str) -> Callable[[argparse.Namespace], int]:
+    """`tokend.admin.cmd_<name>`, imported only when that command runs (client commands stay
+    light)."""
 
-        lock = StateDirLock(config.daemon.state_dir)
-        try:
-            lock.acquire()
-        except StateLockedError as exc:
-            raise DaemonUnavailableError(
-                f"tokend runs (state directory locked by PID {exc.pid}) but its socket "
-                f"{socket_path} does not answer"
-            ) from None
-        try:
-            return direct(config)
-        finally:
-            lock.release()
+    def command(args: argparse.Namespace) -> int:
+        from tokend import admin
 
+        run: Callable[[argparse.Namespace], int] = getattr(admin, f"cmd_{name}")
+        return run(args)
 
-def _read_stdin(what: str) -> str:
-    if sys.stdin is None or sys.stdin.isatty():
-        print(f"reading {what} from stdin (end with Ctrl-D)", file=sys.stderr)
-    text = sys.stdin.read() if sys.stdin is not None else ""
-    return text
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    text = _read_stdin("an RFC 6749 token response (JSON)")
-    try:
-        fields = json.loads(text)
-    except ValueError:
-        raise ApiError(
-            "bad_request", "stdin is not JSON (expected a token response)", connector=args.name
-        ) from None
-    if not isinstance(fields, dict):
-        raise ApiError("bad_request", "expected a JSON object", connector=args.name)
-    name = args.name
-
-    def via_socket(path: str) -> int:
-        status = request_json(
-            path, "PUT", f"/v1/connectors/{_quote(name)}/grant", fields, connector=name
-        )
-        _say_installed(status)
-        return 0
-
-    def direct(config: Config) -> int:
-        from tokend import offline
-
-        _say_installed(offline.install_grant(config, name, fields))
-        return 0
-
-    return _daemon_or_direct(args, via_socket, direct)
-
-
-def _say_installed(status: dict[str, Any]) -> None:
-    print(
-        f"tokend: {status['connector']}: grant installed; state {status['state']}, "
-        f"expires in {status.get('expires_in')}s",
-        file=sys.stderr,
-    )
-
-
-def cmd_secret(args: argparse.Namespace) -> int:
-    secret = _read_stdin("the client secret").strip("\r\n")
-    if not secret:
-        raise ApiError("bad_request", "empty client secret on stdin", connector=args.name)
-    name = args.name
-
-    def via_socket(path: str) -> int:
-        request_json(
-            path,
-            "PUT",
-            f"/v1/connectors/{_quote(name)}/secret",
-            {"client_secret": secret},
-            connector=name,
-        )
-        print(f"tokend: {name}: client secret stored", file=sys.stderr)
-        return 0
-
-    def direct(config: Config) -> int:
-        from tokend import offline
-
-        offline.store_secret(config, name, secret)
-        print(f"tokend: {name}: client secret stored", file=sys.stderr)
-        return 0
-
-    return _daemon_or_direct(args, via_socket, direct)
-
-
-def cmd_refresh(args: argparse.Namespace) -> int:
-    name = args.name
-
-    def via_socket(path: str) -> int:
-        status = request_json(
-            path, "POST", f"/v1/connectors/{_quote(name)}/refresh", connector=name
-        )
-        _say_refreshed(status)
-        return 0
-
-    def direct(config: Config) -> int:
-        from tokend import offline
-
-        _say_refreshed(offline.refresh(config, name))
-        return 0
-
-    return _daemon_or_direct(args, via_socket, direct)
-
-
-def _say_refreshed(status: dict[str, Any]) -> None:
-    print(
-        f"tokend: {status['connector']}: state {status['state']}, "
-        f"expires in {status.get('expires_in')}s",
-        file=sys.stderr,
-    )
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from tokend import offline
-
-    config = _load_config(args)
-    code = offline.check(config, socket_path=_socket_path(args))
-    if args.alerts:
-        from tokend.alerts.manager import run_alert_test
-
-        alerts_code = run_alert_test(config)
-        code = code or alerts_code
-    return code
-
-
-def cmd_alert(args: argparse.Namespace) -> int:
-    """`tokend alert --unit NAME`: the OnFailure= unit's way to say the daemon itself died."""
-    configure_logging(args.verbose)
-    from tokend.alerts.manager import run_alert_command
-
-    return run_alert_command(_load_config(args), args.unit, args.result)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    config = _load_config(args)
-    configure_logging(args.verbose)
-    import asyncio
-
-    from tokend.daemon import Daemon
-
-    asyncio.run(Daemon(config).run())
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    configure_logging(args.verbose)
-    from tokend.demo import run_demo
-
-    return run_demo(lifetime_s=args.lifetime, duration_s=args.duration)
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-def configure_logging(verbose: int) -> None:
-    from tokend import logs
-
-    logs.configure(verbose)
+    return command
 
 
 # ----------------------------------------------------------------------------- argparse
@@ -449,12 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add(
-        "run",
-        cmd_run,
-        "run the daemon in the foreground (logs to stderr)",
-    )
-    p = add("demo", cmd_demo, "run a self-contained demo against a built-in authorization server")
+    def admin(name: str, text: str) -> argparse.ArgumentParser:
+        return add(name, _admin(name), text)
+
+    admin("run", "run the daemon in the foreground (logs to stderr)")
+    p = admin("demo", "run a self-contained demo against a built-in authorization server")
     p.add_argument("--lifetime", type=float, default=30.0, help="token lifetime in seconds")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     for name, func, text in (
@@ -476,16 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show every connector's state")
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--json", action="store_true")
-    for name, func, text in (
-        ("refresh", cmd_refresh, "refresh a connector now"),
-        ("import", cmd_import, "install a grant: an RFC 6749 token response (JSON) on stdin"),
-        ("secret", cmd_secret, "store the connector's client secret, read from stdin"),
+    for name, text in (
+        ("refresh", "refresh a connector now"),
+        ("import", "install a grant: an RFC 6749 token response (JSON) on stdin"),
+        ("secret", "store the connector's client secret, read from stdin"),
     ):
-        p = add(name, func, text)
+        p = admin(name, text)
         p.add_argument("name", metavar="NAME")
-    p = add("check", cmd_check, "validate config, keyring, socket directory and token endpoints")
+    p = admin("check", "validate config, keyring, socket directory and token endpoints")
     p.add_argument("--alerts", action="store_true", help="also send a test alert to every sink")
-    p = add("alert", cmd_alert, "send a daemon_failed alert (for an OnFailure= unit)")
+    p = admin("alert", "send a daemon_failed alert (for an OnFailure= unit)")
     p.add_argument("--unit", required=True, help="the unit that failed (%%i in the unit file)")
     p.add_argument("--result", help="why it failed (default: $MONITOR_SERVICE_RESULT)")
     return parser

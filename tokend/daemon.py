@@ -4,6 +4,7 @@ signals and the start-up and shutdown order.
 Start: state-dir lock → keyring probe (fail fast) → saved state → stored grants → socket →
 scheduler (due refreshes run now) → READY. Stop: STOPPING → stop accepting → stop planning →
 await refreshes in flight (bounded, so rotated tokens are persisted) → flush state → unlink socket.
+SIGHUP's reload is `tokend.reload`; the STATUS= summary and /v1/health are `tokend.health`.
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ import logging
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from tokend import __version__
+from tokend import __version__, health, reload
 from tokend.alerts.manager import AlertManager
 from tokend.clock import Clock, SystemClock
-from tokend.config import Config, ConnectorConfig, load_config
+from tokend.config import Config, ConnectorConfig
 from tokend.errors import ApiError, ConfigError, StoreError
 from tokend.metrics import Metrics
 from tokend.model import ConnectorState, Secret, State, TokenSet
 from tokend.notify import Notifier, Watchdog, watchdog_interval_s
 from tokend.oauth.client import OAuthClient, make_http_client
-from tokend.refresher import Connector, action_for
+from tokend.refresher.connector import Connector
+from tokend.refresher.serving import action_for
 from tokend.scheduler import RefreshScheduler
 from tokend.server.api import Peer
 from tokend.server.http import ApiServer, inherited_socket
@@ -126,7 +126,7 @@ class Daemon:
         )
         self._grants, self._oauth = store, oauth
         for name, conn_config in self.config.connectors.items():
-            self.connectors[name] = self._make_connector(conn_config)
+            self.connectors[name] = self.make_connector(conn_config)
         flusher: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
         try:
@@ -188,7 +188,8 @@ class Daemon:
                 logger.error("refreshes still in flight after %ds; exiting", SHUTDOWN_GRACE_S)
         await self._flush_state()
 
-    def _make_connector(self, conn_config: ConnectorConfig) -> Connector:
+    def make_connector(self, conn_config: ConnectorConfig) -> Connector:
+        """A connector of this daemon: its store, client, scheduler, listener and metrics."""
         if self._grants is None or self._oauth is None:
             raise RuntimeError("connectors are made once the store and the client exist")
         return Connector(
@@ -202,16 +203,26 @@ class Daemon:
             report=self.metrics.refresh_done,
         )
 
+    def _socket_gid(self) -> int | None:
+        group = self.config.daemon.socket_group
+        if group is None:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"daemon.socket_group: no such group {group!r}") from None
+
+    # ----------------------------------------------------------------- health
+
     def health_problem(self) -> str | None:
         """Why the daemon is not healthy (the watchdog withholds its ping), or None."""
-        scheduler = self.scheduler
-        if scheduler is None or not scheduler.running:
-            return "the scheduler is not running"
-        last = scheduler.last_recheck
-        stalled = 0.0 if last is None else self.clock.monotonic() - last
-        if last is None or stalled > 3 * scheduler.recheck_s + 1:
-            return f"the wall-clock re-check has not run for {stalled:.0f}s"
-        return None
+        return health.watchdog_problem(self.scheduler, monotonic=self.clock.monotonic())
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: counts by state and the next refresh."""
+        return health.summary(
+            self.connectors.values(), now=self.clock.now(), config_error=self.config_error
+        )
 
     # ----------------------------------------------------------------- reload (SIGHUP)
 
@@ -225,83 +236,17 @@ class Daemon:
         await self.reload()
 
     async def reload(self) -> bool:
-        """Re-read the config file and apply it: add, remove and change connectors, keeping every
-        stored token and letting refreshes in flight finish. An invalid file changes nothing:
-        the error is logged and shown in STATUS and health. Returns whether it was applied."""
+        """Re-read the config file and apply it (`tokend.reload`): add, remove and change
+        connectors, keeping every stored token. An invalid file changes nothing: the error is
+        logged and shown in STATUS and health. Returns whether it was applied."""
         async with self._reload_lock:
-            self.notifier.reloading()
-            path = self.config.path
-            try:
-                if path is None:
-                    raise ConfigError("no configuration file to reload (started without one)")
-                new = await asyncio.to_thread(load_config, path)
-            except ConfigError as exc:
-                self.config_error = str(exc)
-                logger.error("reload failed; the running configuration stays: %s", exc)
-                self.notifier.ready(self.summary())
-                return False
-            try:
-                await self.alerts.reconfigure(new.alerts)
-            except ConfigError as exc:
-                self.config_error = str(exc)
-                logger.error("reload failed; the running configuration stays: %s", exc)
-                self.notifier.ready(self.summary())
-                return False
-            self.config_error = None
-            await self._apply(new)
-            logger.info("reloaded %s: %d connectors", path, len(self.connectors))
-            self.notifier.ready(self.summary())
-            return True
-
-    async def _apply(self, new: Config) -> None:
-        old = self.config
-        if new.daemon != old.daemon:
-            changed = [
-                f"daemon.{key}"
-                for key in (
-                    "socket",
-                    "socket_group",
-                    "state_dir",
-                    "keyring_service",
-                    "keyring_backend",
-                )
-                if getattr(new.daemon, key) != getattr(old.daemon, key)
-            ]
-            logger.warning("%s changed: restart tokend to apply", ", ".join(changed))
-        self.config = replace(new, daemon=old.daemon)
-        for name in sorted(set(old.connectors) - set(new.connectors)):
-            connector = self.connectors.pop(name)
-            if self.scheduler is not None:
-                self.scheduler.cancel(name)
-            await connector.wait_idle()  # a refresh in flight is persisted, not dropped
-            self.metrics.forget(name)
-            self.alerts.forget(name)
-            logger.info("%s: removed from the configuration", name)
-        added: list[Connector] = []
-        for name, conn_config in new.connectors.items():
-            existing = self.connectors.get(name)
-            if existing is None:
-                created = self._make_connector(conn_config)
-                self.connectors[name] = created
-                added.append(created)
-            elif conn_config != existing.config:
-                existing.reconfigure(conn_config)
-                logger.info("%s: configuration changed", name)
-        await asyncio.gather(*(connector.start(None) for connector in added))
-        for connector in added:
-            logger.info("%s: added (%s)", connector.name, connector.state.value)
-        self._state_dirty.set()
-
-    def _socket_gid(self) -> int | None:
-        group = self.config.daemon.socket_group
-        if group is None:
-            return None
-        try:
-            return grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"daemon.socket_group: no such group {group!r}") from None
+            return await reload.reload(self)
 
     # ----------------------------------------------------------------- scheduling glue
+
+    def mark_state_dirty(self) -> None:
+        """Connector states changed: flush state.json (and STATUS) soon."""
+        self._state_dirty.set()
 
     def _schedule(self, name: str, when: datetime | None) -> None:
         if self.scheduler is not None:
@@ -351,26 +296,6 @@ class Daemon:
             await asyncio.to_thread(self._state_file.save, states)
         except StoreError as exc:
             logger.warning("state not saved (%s); tokens are unaffected", exc)
-
-    def summary(self) -> str:
-        """One line for systemd's STATUS=: counts by state and the next refresh."""
-        counts = Counter(c.state.value for c in self.connectors.values())
-        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda i: -i[1]))
-        nxt = min(
-            (
-                (c.record.next_refresh_at, c.name)
-                for c in self.connectors.values()
-                if c.record.next_refresh_at
-            ),
-            default=None,
-        )
-        text = parts or "no connectors"
-        if self.config_error is not None:
-            text = f"config reload failed, previous config runs: {self.config_error}; " + text
-        if nxt is not None:
-            secs = max(0, int((nxt[0] - self.clock.now()).total_seconds()))
-            text += f"; next refresh {nxt[1]} in {_human(secs)}"
-        return text
 
     # ----------------------------------------------------------------- TokenSource
 
@@ -444,31 +369,11 @@ class Daemon:
         self.metrics.lookup_done(name, outcome)
 
     def health(self) -> dict[str, object]:
-        counts = Counter(c.state.value for c in self.connectors.values())
-        bad = {State.EXPIRED, State.NEEDS_REAUTH, State.REJECTED, State.UNAUTHORIZED}
-        healthy_scheduler = self.scheduler is not None and self.scheduler.running
-        degraded = (
-            not healthy_scheduler
-            or self.config_error is not None
-            or any(State(s) in bad for s in counts)
+        return health.report(
+            self.connectors.values(),
+            scheduler=self.scheduler,
+            config_error=self.config_error,
+            store_backend=self.store_backend,
+            uptime_s=int(time.monotonic() - self._started_at),
+            summary=self.summary(),
         )
-        return {
-            "status": "degraded" if degraded else "ok",
-            "version": __version__,
-            "uptime_s": int(time.monotonic() - self._started_at),
-            "connectors": dict(sorted(counts.items())),
-            "keyring_backend": self.store_backend,
-            "scheduler": "running" if healthy_scheduler else "stopped",
-            "config_error": self.config_error,
-            "summary": self.summary(),
-        }
-
-
-def _human(secs: int) -> str:
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60}m"
-    if secs < 172800:
-        return f"{secs // 3600}h"
-    return f"{secs // 86400}d"

@@ -17,7 +17,7 @@ from tokend.config import Config
 from tokend.errors import ApiError, ExitCode, TokendError, TransientError
 from tokend.model import Secret
 from tokend.oauth.client import OAuthClient, make_http_client
-from tokend.refresher import Connector
+from tokend.refresher.connector import Connector
 from tokend.store import KeyringStore, StateFile
 
 

@@ -134,3 +134,15 @@ def client_socket_path(
         return default
     system = configured_socket(system_config) or system_socket
     return system if system.exists() else default
+
+
+def socket_path(given: str | None, config: str | None) -> str:
+    """The socket a command talks to: `--socket` if given, else $TOKEND_SOCKET, else the one the
+    config file (`--config`, else the default path) names, else the default, falling back to the
+    system daemon's socket."""
+    if given:
+        return given
+    env = os.environ.get("TOKEND_SOCKET")
+    if env:
+        return env
+    return str(client_socket_path(config_path(config)))

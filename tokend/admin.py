@@ -1,0 +1,208 @@
+"""The `tokend` admin commands: import, secret, refresh, check, alert, run and demo.
+
+`tokend.cli` parses the command line and imports this module only when one of these commands runs,
+so the client commands stay light. `import`, `secret` and `refresh` go through the daemon when it
+runs, else act on the store directly while holding the state directory's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from tokend import paths
+from tokend.client import request_json
+from tokend.errors import ApiError, DaemonUnavailableError, StateLockedError
+
+if TYPE_CHECKING:
+    from tokend.config import Config
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    return paths.socket_path(args.socket, args.config)
+
+
+def _load_config(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
+    from tokend.config import load_config
+
+    return load_config(paths.config_path(args.config), missing_ok=missing_ok)
+
+
+def _quote(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _daemon_or_direct(
+    args: argparse.Namespace,
+    via_socket: Callable[[str], int],
+    direct: Callable[[Config], int],
+) -> int:
+    """Through the daemon when it runs (its keyring is used), else on the store directly while
+    holding the state directory's lock (so a daemon starting meanwhile cannot race us)."""
+    socket_path = _socket_path(args)
+    try:
+        return via_socket(socket_path)
+    except DaemonUnavailableError as unavailable:
+        if "permission denied" in str(unavailable):
+            raise
+        config = _load_config(args)
+        from tokend.store import StateDirLock
+
+        lock = StateDirLock(config.daemon.state_dir)
+        try:
+            lock.acquire()
+        except StateLockedError as exc:
+            raise DaemonUnavailableError(
+                f"tokend runs (state directory locked by PID {exc.pid}) but its socket "
+                f"{socket_path} does not answer"
+            ) from None
+        try:
+            return direct(config)
+        finally:
+            lock.release()
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        print(f"reading {what} from stdin (end with Ctrl-D)", file=sys.stderr)
+    text = sys.stdin.read() if sys.stdin is not None else ""
+    return text
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    text = _read_stdin("an RFC 6749 token response (JSON)")
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        raise ApiError(
+            "bad_request", "stdin is not JSON (expected a token response)", connector=args.name
+        ) from None
+    if not isinstance(fields, dict):
+        raise ApiError("bad_request", "expected a JSON object", connector=args.name)
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        status = request_json(
+            path, "PUT", f"/v1/connectors/{_quote(name)}/grant", fields, connector=name
+        )
+        _say_installed(status)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        _say_installed(offline.install_grant(config, name, fields))
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def _say_installed(status: dict[str, Any]) -> None:
+    print(
+        f"tokend: {status['connector']}: grant installed; state {status['state']}, "
+        f"expires in {status.get('expires_in')}s",
+        file=sys.stderr,
+    )
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    secret = _read_stdin("the client secret").strip("\r\n")
+    if not secret:
+        raise ApiError("bad_request", "empty client secret on stdin", connector=args.name)
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        request_json(
+            path,
+            "PUT",
+            f"/v1/connectors/{_quote(name)}/secret",
+            {"client_secret": secret},
+            connector=name,
+        )
+        print(f"tokend: {name}: client secret stored", file=sys.stderr)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        offline.store_secret(config, name, secret)
+        print(f"tokend: {name}: client secret stored", file=sys.stderr)
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    name = args.name
+
+    def via_socket(path: str) -> int:
+        status = request_json(
+            path, "POST", f"/v1/connectors/{_quote(name)}/refresh", connector=name
+        )
+        _say_refreshed(status)
+        return 0
+
+    def direct(config: Config) -> int:
+        from tokend import offline
+
+        _say_refreshed(offline.refresh(config, name))
+        return 0
+
+    return _daemon_or_direct(args, via_socket, direct)
+
+
+def _say_refreshed(status: dict[str, Any]) -> None:
+    print(
+        f"tokend: {status['connector']}: state {status['state']}, "
+        f"expires in {status.get('expires_in')}s",
+        file=sys.stderr,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tokend import offline
+
+    config = _load_config(args)
+    code = offline.check(config, socket_path=_socket_path(args))
+    if args.alerts:
+        from tokend.alerts.command import run_alert_test
+
+        alerts_code = run_alert_test(config)
+        code = code or alerts_code
+    return code
+
+
+def cmd_alert(args: argparse.Namespace) -> int:
+    """`tokend alert --unit NAME`: the OnFailure= unit's way to say the daemon itself died."""
+    configure_logging(args.verbose)
+    from tokend.alerts.command import run_alert_command
+
+    return run_alert_command(_load_config(args), args.unit, args.result)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    configure_logging(args.verbose)
+    import asyncio
+
+    from tokend.daemon import Daemon
+
+    asyncio.run(Daemon(config).run())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    from tokend.demo import run_demo
+
+    return run_demo(lifetime_s=args.lifetime, duration_s=args.duration)
+
+
+def configure_logging(verbose: int) -> None:
+    from tokend import logs
+
+    logs.configure(verbose)
