@@ -291,3 +291,26 @@ class DaemonProcess:
             group=group,
             check=False,
         )
+
+
+# ----------------------------------------------------------------------------- CLI output
+
+
+def why(result: subprocess.CompletedProcess[str]) -> str:
+    """A failed command's exit code, stdout and stderr, for an assertion message."""
+    return f"exit {result.returncode}; stdout {result.stdout!r}; stderr {result.stderr!r}"
+
+
+def one_line(text: str) -> str:
+    """The single line of `text` (asserting there is exactly one)."""
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected one line, got {lines!r}"
+    return lines[0]
+
+
+def skip_record(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The JSON skip record `tokend exec` printed: exactly one line on stderr."""
+    record = json.loads(one_line(result.stderr))
+    assert isinstance(record, dict)
+    assert record["event"] == "skipped"
+    return record

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonProcess, config_dict, short_tmp
+from tests.harness import DaemonProcess, config_dict, one_line, short_tmp, skip_record, why
 from tokend import __version__
 from tokend.authserver import AuthServer
 from tokend.keyring_file import EncryptedFileKeyring
@@ -70,27 +70,9 @@ def _cli(
     )
 
 
-def _why(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}; stdout {result.stdout!r}; stderr {result.stderr!r}"
-
-
-def _one_line(text: str) -> str:
-    """The single line of `text` (asserting there is exactly one)."""
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one line, got {lines!r}"
-    return lines[0]
-
-
-def _skip_record(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    """The JSON skip record `exec` printed: exactly one line on stderr."""
-    record = json.loads(_one_line(result.stderr))
-    assert isinstance(record, dict)
-    return record
-
-
 def _import(daemon: DaemonProcess, name: str, grant: Mapping[str, object]) -> None:
     result = daemon.cli("import", name, stdin=json.dumps(grant))
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
 
 
 # ----------------------------------------------------------------------------- the shared daemon
@@ -129,8 +111,8 @@ def live() -> Iterator[Live]:
         try:
             grant = auth.issue_grant()
             result = daemon.cli("import", "demo", stdin=json.dumps(grant))
-            assert result.returncode == 0, _why(result)
-            assert "demo: grant installed; state ok" in _one_line(result.stderr)
+            assert result.returncode == 0, why(result)
+            assert "demo: grant installed; state ok" in one_line(result.stderr)
             assert result.stdout == ""
             yield Live(daemon, auth, grant)
             assert daemon.stop() == 0, daemon.log()[-2000:]
@@ -146,7 +128,7 @@ def live() -> Iterator[Live]:
 def test_token_prints_exactly_the_access_token(live):
     """`token NAME` prints the imported access token and a newline, nothing else."""
     result = live.daemon.cli("token", "demo")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     assert result.stdout == live.token + "\n"
     assert result.stderr == ""
 
@@ -154,15 +136,15 @@ def test_token_prints_exactly_the_access_token(live):
 def test_header_prints_authorization_line(live):
     """`header NAME` prints one `Authorization: Bearer <token>` line."""
     result = live.daemon.cli("header", "demo")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     assert result.stdout == f"Authorization: Bearer {live.token}\n"
 
 
 def test_headers_prints_one_json_object_of_strings(live):
     """`headers NAME` prints one JSON object of string values (Claude Code headersHelper)."""
     result = live.daemon.cli("headers", "demo")
-    assert result.returncode == 0, _why(result)
-    headers = json.loads(_one_line(result.stdout))
+    assert result.returncode == 0, why(result)
+    headers = json.loads(one_line(result.stdout))
     assert headers == {"Authorization": f"Bearer {live.token}"}
     assert all(isinstance(v, str) for v in headers.values())
 
@@ -170,11 +152,11 @@ def test_headers_prints_one_json_object_of_strings(live):
 def test_headers_takes_the_name_from_claude_code(live):
     """`headers` without NAME uses $CLAUDE_CODE_MCP_SERVER_NAME; with neither it is exit 64."""
     named = _cli(live.daemon, "headers", env={"CLAUDE_CODE_MCP_SERVER_NAME": "demo"})
-    assert named.returncode == 0, _why(named)
+    assert named.returncode == 0, why(named)
     assert json.loads(named.stdout) == {"Authorization": f"Bearer {live.token}"}
     unnamed = live.daemon.cli("headers")
-    assert unnamed.returncode == 64, _why(unnamed)
-    assert "CLAUDE_CODE_MCP_SERVER_NAME" in _one_line(unnamed.stderr)
+    assert unnamed.returncode == 64, why(unnamed)
+    assert "CLAUDE_CODE_MCP_SERVER_NAME" in one_line(unnamed.stderr)
     assert unnamed.stdout == ""
 
 
@@ -183,18 +165,18 @@ def test_min_ttl(live):
     lifetime, or one that is no duration, is bad_request (exit 64) naming the connector."""
     calls = live.auth.token_calls
     result = live.daemon.cli("token", "demo", "--min-ttl", "5m")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     assert result.stdout == live.token + "\n"
     assert live.auth.token_calls == calls  # plenty of life left: no refresh
     too_long = live.daemon.cli("token", "demo", "--min-ttl", "2h")
-    assert too_long.returncode == 64, _why(too_long)
-    line = _one_line(too_long.stderr)
+    assert too_long.returncode == 64, why(too_long)
+    line = one_line(too_long.stderr)
     assert "demo" in line
     assert "min_ttl" in line
     assert too_long.stdout == ""
     garbled = live.daemon.cli("token", "demo", "--min-ttl", "soon")
-    assert garbled.returncode == 64, _why(garbled)
-    assert "--min-ttl" in _one_line(garbled.stderr)
+    assert garbled.returncode == 64, why(garbled)
+    assert "--min-ttl" in one_line(garbled.stderr)
 
 
 # ----------------------------------------------------------------------------- exec
@@ -204,27 +186,27 @@ def test_exec_puts_the_token_in_the_environment(live):
     """`exec NAME -- CMD` runs CMD with the token in $TOKEND_ACCESS_TOKEN (or --env VAR) and
     passes CMD's exit code through."""
     result = live.daemon.cli("exec", "demo", "--", "sh", "-c", 'printf %s "$TOKEND_ACCESS_TOKEN"')
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     assert result.stdout == live.token
     assert result.stderr == ""
     script = 'printf "%s|%s" "$MY_TOKEN" "${TOKEND_ACCESS_TOKEN-unset}"'
     custom = live.daemon.cli("exec", "demo", "--env", "MY_TOKEN", "--", "sh", "-c", script)
-    assert custom.returncode == 0, _why(custom)
+    assert custom.returncode == 0, why(custom)
     assert custom.stdout == f"{live.token}|unset"
     both = live.daemon.cli(
         "exec", "demo", "--min-ttl", "5m", "--env", "T", "--", "sh", "-c", 'printf %s "$T"'
     )
-    assert both.returncode == 0, _why(both)
+    assert both.returncode == 0, why(both)
     assert both.stdout == live.token
     failing = live.daemon.cli("exec", "demo", "--", "sh", "-c", "exit 3")
-    assert failing.returncode == 3, _why(failing)
+    assert failing.returncode == 3, why(failing)
 
 
 def test_exec_keeps_the_token_out_of_argv(live):
     """The command's argv (what `ps` shows) does not contain the token."""
     script = 'tr "\\000" " " < /proc/$$/cmdline; printf "\\n%s" "${#TOKEND_ACCESS_TOKEN}"'
     result = live.daemon.cli("exec", "demo", "--", "sh", "-c", script)
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     argv, length = result.stdout.split("\n")
     assert argv.startswith("sh -c ")
     assert live.token not in argv
@@ -243,10 +225,10 @@ def test_exec_without_a_token_skips_the_command(live, tmp_path, name, error, cod
     stderr (connector, error, action, exit_code) and exits with the error's code."""
     marker = tmp_path / "ran"
     result = live.daemon.cli("exec", name, "--", "touch", str(marker))
-    assert result.returncode == code, _why(result)
+    assert result.returncode == code, why(result)
     assert not marker.exists()
     assert result.stdout == ""
-    record = _skip_record(result)
+    record = skip_record(result)
     assert record["connector"] == name
     assert record["error"] == error
     assert record["exit_code"] == code
@@ -259,7 +241,7 @@ def test_exec_without_a_token_skips_the_command(live, tmp_path, name, error, cod
 def test_status_table(live):
     """`status` prints a header row and one row per connector with its state."""
     result = live.daemon.cli("status")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["CONNECTOR", "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
@@ -273,7 +255,7 @@ def test_status_table(live):
 def test_status_json_has_no_secrets(live):
     """`status --json` is a list of dicts, one per connector, with no token in it."""
     result = live.daemon.cli("status", "--json")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     items = json.loads(result.stdout)
     assert isinstance(items, list)
     assert all(isinstance(item, dict) for item in items)
@@ -284,7 +266,7 @@ def test_status_json_has_no_secrets(live):
         assert secret not in result.stdout
     assert not {"access_token", "refresh_token"} & set(by_name["demo"])
     one = live.daemon.cli("status", "demo", "--json")
-    assert one.returncode == 0, _why(one)
+    assert one.returncode == 0, why(one)
     assert json.loads(one.stdout)["connector"] == "demo"
 
 
@@ -294,9 +276,9 @@ def test_status_json_has_no_secrets(live):
 def test_unknown_connector_is_exit_78(live):
     """An unconfigured connector exits 78 with one stderr line naming it."""
     result = live.daemon.cli("token", "nope")
-    assert result.returncode == 78, _why(result)
+    assert result.returncode == 78, why(result)
     assert result.stdout == ""
-    line = _one_line(result.stderr)
+    line = one_line(result.stderr)
     assert line.startswith("tokend: nope: ")
     assert "tokend status" in line
 
@@ -304,9 +286,9 @@ def test_unknown_connector_is_exit_78(live):
 def test_unauthorized_connector_is_exit_10(live):
     """A connector without a grant exits 10; the line names it and says `run: tokend import`."""
     result = live.daemon.cli("token", "other")
-    assert result.returncode == 10, _why(result)
+    assert result.returncode == 10, why(result)
     assert result.stdout == ""
-    line = _one_line(result.stderr)
+    line = one_line(result.stderr)
     assert line.startswith("tokend: other: ")
     assert "run: tokend import other" in line
 
@@ -323,7 +305,7 @@ def test_unauthorized_connector_is_exit_10(live):
 def test_usage_error_is_exit_2(live, args):
     """A command line argparse refuses exits 2 with its usage message."""
     result = live.daemon.cli(*args)
-    assert result.returncode == 2, _why(result)
+    assert result.returncode == 2, why(result)
     assert "usage:" in result.stderr
     assert result.stdout == ""
 
@@ -334,18 +316,18 @@ def test_invalid_grant_then_needs_reauth(live):
     _import(live.daemon, "dead", live.auth.issue_grant())
     live.auth.fail_next("invalid_grant")
     refreshed = live.daemon.cli("refresh", "dead")
-    assert refreshed.returncode == 10, _why(refreshed)
-    assert "run: tokend import dead" in _one_line(refreshed.stderr)
+    assert refreshed.returncode == 10, why(refreshed)
+    assert "run: tokend import dead" in one_line(refreshed.stderr)
     result = live.daemon.cli("token", "dead")
-    assert result.returncode == 10, _why(result)
-    line = _one_line(result.stderr)
+    assert result.returncode == 10, why(result)
+    line = one_line(result.stderr)
     assert line.startswith("tokend: dead: ")
     assert "invalid_grant" in line
     assert "run: tokend import dead" in line
     grant = live.auth.issue_grant()
     _import(live.daemon, "dead", grant)
     again = live.daemon.cli("token", "dead")
-    assert again.returncode == 0, _why(again)
+    assert again.returncode == 0, why(again)
     assert again.stdout == f"{grant['access_token']}\n"
 
 
@@ -356,16 +338,16 @@ def test_secret_through_the_daemon(live):
     grant = live.auth.issue_grant("conf")
     _import(live.daemon, "conf", grant)
     missing = live.daemon.cli("refresh", "conf")
-    assert missing.returncode == 10, _why(missing)
-    assert "run: tokend secret conf" in _one_line(missing.stderr)
+    assert missing.returncode == 10, why(missing)
+    assert "run: tokend secret conf" in one_line(missing.stderr)
     stored = live.daemon.cli("secret", "conf", stdin="s3cret\n")
-    assert stored.returncode == 0, _why(stored)
+    assert stored.returncode == 0, why(stored)
     assert "s3cret" not in stored.stdout + stored.stderr
     refreshed = live.daemon.cli("refresh", "conf")
-    assert refreshed.returncode == 0, _why(refreshed)
-    assert "conf: state ok" in _one_line(refreshed.stderr)
+    assert refreshed.returncode == 0, why(refreshed)
+    assert "conf: state ok" in one_line(refreshed.stderr)
     token = live.daemon.cli("token", "conf")
-    assert token.returncode == 0, _why(token)
+    assert token.returncode == 0, why(token)
     served = token.stdout.strip()
     assert served != grant["access_token"]
     assert live.auth.is_valid_access_token(served)
@@ -374,8 +356,8 @@ def test_secret_through_the_daemon(live):
     assert last.client_id == "conf"
     assert last.headers["authorization"].startswith("Basic ")
     empty = live.daemon.cli("secret", "conf", stdin="")
-    assert empty.returncode == 64, _why(empty)
-    assert "conf" in _one_line(empty.stderr)
+    assert empty.returncode == 64, why(empty)
+    assert "conf" in one_line(empty.stderr)
 
 
 def test_offline_commands_refuse_while_a_daemon_holds_the_lock(live):
@@ -390,8 +372,8 @@ def test_offline_commands_refuse_while_a_daemon_holds_the_lock(live):
     calls = live.auth.token_calls
     for args, stdin in commands:
         result = live.daemon.cli("--socket", wrong, *args, stdin=stdin)
-        assert result.returncode == 69, _why(result)
-        line = _one_line(result.stderr)
+        assert result.returncode == 69, why(result)
+        line = one_line(result.stderr)
         assert wrong in line
         assert f"PID {live.daemon.proc.pid}" in line
     assert live.auth.token_calls == calls
@@ -410,10 +392,10 @@ def test_second_daemon_refuses_to_run(live):
         timeout=30,
         check=False,
     )
-    assert result.returncode == 75, _why(result)
-    assert f"PID {live.daemon.proc.pid}" in _one_line(result.stderr)
+    assert result.returncode == 75, why(result)
+    assert f"PID {live.daemon.proc.pid}" in one_line(result.stderr)
     token = live.daemon.cli("token", "demo")
-    assert token.returncode == 0, _why(token)
+    assert token.returncode == 0, why(token)
     assert token.stdout == live.token + "\n"
 
 
@@ -428,10 +410,10 @@ def test_version_and_help_exit_0(tmp_path):
     version = subprocess.run(
         [*run, "--version"], env=env, capture_output=True, text=True, check=False
     )
-    assert version.returncode == 0, _why(version)
+    assert version.returncode == 0, why(version)
     assert version.stdout == f"tokend {__version__}\n"
     helped = subprocess.run([*run, "--help"], env=env, capture_output=True, text=True, check=False)
-    assert helped.returncode == 0, _why(helped)
+    assert helped.returncode == 0, why(helped)
     for command in ("run", "token", "header", "headers", "exec", "status", "import", "secret"):
         assert command in helped.stdout
 
@@ -441,18 +423,18 @@ def test_daemon_not_running_is_exit_69(tmp_short):
     exit 69 with one line naming the socket path; exec skips with a record."""
     daemon = _daemon(tmp_short, "https://auth.example/token")
     result = daemon.cli("token", "demo")
-    assert result.returncode == 69, _why(result)
-    assert str(daemon.socket) in _one_line(result.stderr)
+    assert result.returncode == 69, why(result)
+    assert str(daemon.socket) in one_line(result.stderr)
     assert result.stdout == ""
     daemon.socket.parent.mkdir(parents=True)
     with socket.socket(socket.AF_UNIX) as deaf:
         deaf.bind(str(daemon.socket))  # bound, never listening: connections are refused
         refused = daemon.cli("status")
         skipped = daemon.cli("exec", "demo", "--", "true")
-    assert refused.returncode == 69, _why(refused)
-    assert str(daemon.socket) in _one_line(refused.stderr)
-    assert skipped.returncode == 69, _why(skipped)
-    record = _skip_record(skipped)
+    assert refused.returncode == 69, why(refused)
+    assert str(daemon.socket) in one_line(refused.stderr)
+    assert skipped.returncode == 69, why(skipped)
+    record = skip_record(skipped)
     assert (record["connector"], record["exit_code"]) == ("demo", 69)
 
 
@@ -467,8 +449,8 @@ def test_run_with_malformed_config_is_exit_78(tmp_short, connectors, key):
     """`run` with an invalid config exits 78 with one stderr line naming the file and the key."""
     daemon = _daemon(tmp_short, "http://127.0.0.1:9/token", connectors=connectors)
     result = daemon.cli("run")
-    assert result.returncode == 78, _why(result)
-    line = _one_line(result.stderr)
+    assert result.returncode == 78, why(result)
+    line = one_line(result.stderr)
     assert str(daemon.config_path) in line
     assert key in line
     assert not daemon.socket.exists()
@@ -490,14 +472,14 @@ def test_offline_admin_commands_then_daemon_serves_without_refresh(tmp_short):
         _import(daemon, "demo", demo_grant)
         _import(daemon, "conf", conf_grant)
         stored = daemon.cli("secret", "conf", stdin="s3cret\n")
-        assert stored.returncode == 0, _why(stored)
+        assert stored.returncode == 0, why(stored)
         refreshed = daemon.cli("refresh", "conf")
-        assert refreshed.returncode == 0, _why(refreshed)
-        assert "conf: state ok" in _one_line(refreshed.stderr)
+        assert refreshed.returncode == 0, why(refreshed)
+        assert "conf: state ok" in one_line(refreshed.stderr)
         assert auth.token_calls == 1
         no_grant = daemon.cli("refresh", "other")
-        assert no_grant.returncode == 10, _why(no_grant)
-        assert "run: tokend import other" in _one_line(no_grant.stderr)
+        assert no_grant.returncode == 10, why(no_grant)
+        assert "run: tokend import other" in one_line(no_grant.stderr)
         assert auth.token_calls == 1
         assert not daemon.socket.exists()
         state_dir = tmp_short / "state"
@@ -513,8 +495,8 @@ def test_offline_admin_commands_then_daemon_serves_without_refresh(tmp_short):
             status = json.loads(daemon.cli("status", "--json").stdout)
         finally:
             assert daemon.stop() == 0
-        assert demo.stdout == f"{demo_grant['access_token']}\n", _why(demo)
-        assert conf.returncode == 0, _why(conf)
+        assert demo.stdout == f"{demo_grant['access_token']}\n", why(demo)
+        assert conf.returncode == 0, why(conf)
         served = conf.stdout.strip()
         assert served != conf_grant["access_token"]
         assert auth.is_valid_access_token(served)
@@ -540,11 +522,11 @@ def test_import_repairs_a_corrupt_stored_grant(tmp_short, auth):
         repaired = daemon.cli("token", "demo")
     finally:
         assert daemon.stop() == 0
-    assert broken.returncode == 10, _why(broken)
-    line = _one_line(broken.stderr)
+    assert broken.returncode == 10, why(broken)
+    line = one_line(broken.stderr)
     assert "run: tokend import demo" in line
     assert "SEKRIT" not in line
-    assert repaired.stdout == f"{grant['access_token']}\n", _why(repaired)
+    assert repaired.stdout == f"{grant['access_token']}\n", why(repaired)
 
 
 # ----------------------------------------------------------------------------- outages
@@ -567,9 +549,9 @@ def test_expired_during_outage_is_exit_75(tmp_short, auth):
         started = time.monotonic()
         result = daemon.cli("token", "demo")
         elapsed = time.monotonic() - started
-        assert result.returncode == 75, _why(result)
+        assert result.returncode == 75, why(result)
         assert result.stdout == ""
-        line = _one_line(result.stderr)
+        line = one_line(result.stderr)
         assert line.startswith("tokend: demo: ")
         assert "retry" in line.lower()
         assert elapsed < 8.0  # answered from the backoff, not after a wait for the network
@@ -579,11 +561,11 @@ def test_expired_during_outage_is_exit_75(tmp_short, auth):
         auth.come_back()
         for _ in range(3):  # a scheduled retry that began before come_back may be joined once
             refreshed = daemon.cli("refresh", "demo")
-            assert refreshed.returncode == 0, _why(refreshed)
+            assert refreshed.returncode == 0, why(refreshed)
             if "demo: state ok" in refreshed.stderr:
                 break
         token = daemon.cli("token", "demo")
-        assert token.returncode == 0, _why(token)
+        assert token.returncode == 0, why(token)
         assert auth.is_valid_access_token(token.stdout.strip())
     finally:
         auth.come_back()
@@ -595,7 +577,7 @@ def test_check_without_daemon(tmp_short, auth):
     endpoint and exits 0; with the endpoint down it exits non-zero naming the connector."""
     daemon = _daemon(tmp_short, auth.token_url)
     result = daemon.cli("check")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     lines = {line.split()[1]: line for line in result.stdout.splitlines()}
     for what in ("config", "keyring", "state", "demo"):
         assert lines[what].startswith("ok "), result.stdout
@@ -606,7 +588,7 @@ def test_check_without_daemon(tmp_short, auth):
         down = daemon.cli("check")
     finally:
         auth.come_back()
-    assert down.returncode not in (0, 1), _why(down)
+    assert down.returncode not in (0, 1), why(down)
     failed = [line for line in down.stdout.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1, down.stdout
     assert failed[0].split()[1] == "demo"
@@ -616,7 +598,7 @@ def test_alert_command_without_sinks(tmp_short, auth):
     """`alert --unit U` with no sink configured logs the daemon_failed alert and exits 0."""
     daemon = _daemon(tmp_short, auth.token_url)
     result = daemon.cli("alert", "--unit", "tokend.service", "--result", "watchdog")
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     assert "no alert sinks configured" in result.stdout
     assert "alert daemon_failed: The tokend service tokend.service failed on" in result.stderr
     assert "(watchdog)" in result.stderr

@@ -30,7 +30,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get, short_tmp
+from tests.harness import (
+    FILE_BACKEND,
+    DaemonProcess,
+    config_dict,
+    get,
+    one_line,
+    short_tmp,
+    skip_record,
+    why,
+)
 from tokend.authserver import AuthServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,24 +77,6 @@ _SCRUBBED = (
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _why(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}; stdout {result.stdout!r}; stderr {result.stderr!r}"
-
-
-def _one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one line, got {lines!r}"
-    return lines[0]
-
-
-def _skip_record(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    """The JSON skip record `tokend exec` printed: exactly one line on stderr."""
-    record = json.loads(_one_line(result.stderr))
-    assert isinstance(record, dict)
-    assert record["event"] == "skipped"
-    return record
 
 
 def _shim_dir(root: Path) -> Path:
@@ -191,7 +182,7 @@ class Live:
 def _import(proc: DaemonProcess, auth: AuthServer, name: str) -> dict[str, Any]:
     grant = auth.issue_grant()
     result = proc.cli("import", name, stdin=json.dumps(grant))
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     return grant
 
 
@@ -282,7 +273,7 @@ def test_cron_job_fetches_with_the_daemons_token(live: Live, tmp_path: Path) -> 
     out = tmp_path / "latest.json"
     mark = live.mark()
     result = _run_cron_job(live.bin_dir, live.proc.socket, live.whoami_url, out)
-    assert (result.returncode, result.stderr) == (0, ""), _why(result)
+    assert (result.returncode, result.stderr) == (0, ""), why(result)
     assert json.loads(out.read_text())["sub"] == "demo-user"
     assert live.whoami_since(mark) == [Whoami("ok", f"Bearer {live.token('nightly')}")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json"]
@@ -294,7 +285,7 @@ def test_cron_job_keeps_curls_exit_code_and_no_partial_answer(live: Live, tmp_pa
     result = _run_cron_job(
         live.bin_dir, live.proc.socket, live.auth.url + "/missing", tmp_path / "o"
     )
-    assert result.returncode == 22, _why(result)
+    assert result.returncode == 22, why(result)
     assert "404" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -304,8 +295,8 @@ def test_cron_job_skips_loudly_without_a_grant(bare: Bare, live: Live, tmp_path:
     JSON skip record on stderr, for cron to mail."""
     out = tmp_path / "latest.json"
     result = _run_cron_job(bare.bin_dir, bare.proc.socket, live.whoami_url, out)
-    assert result.returncode == 10, _why(result)
-    record = _skip_record(result)
+    assert result.returncode == 10, why(result)
+    record = skip_record(result)
     assert (record["connector"], record["error"], record["exit_code"]) == (
         "nightly",
         "needs_reauth",
@@ -321,8 +312,8 @@ def test_cron_job_skips_loudly_with_the_daemon_stopped(
     assert bare.proc.stop() == 0
     out = tmp_path / "latest.json"
     result = _run_cron_job(bare.bin_dir, bare.proc.socket, live.whoami_url, out)
-    assert result.returncode == 69, _why(result)
-    record = _skip_record(result)
+    assert result.returncode == 69, why(result)
+    record = skip_record(result)
     assert (record["error"], record["exit_code"]) == ("daemon_unavailable", 69)
     assert not out.exists()
 
@@ -391,7 +382,7 @@ def test_systemd_units_verify_clean(live: Live, tmp_path: Path) -> None:
         (tmp_path / name).write_text(text.replace(INSTALLED_JOB, str(CRON_SCRIPT)))
     units = [str(tmp_path / "nightly-sync.service"), str(tmp_path / "nightly-sync.timer")]
     result = _run(["systemd-analyze", "verify", *units], _base_env())
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), _why(result)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), why(result)
 
 
 def test_systemd_condition_passes_silently_and_job_runs(live: Live, tmp_path: Path) -> None:
@@ -403,7 +394,7 @@ def test_systemd_condition_passes_silently_and_job_runs(live: Live, tmp_path: Pa
     assert (condition.returncode, condition.stdout, condition.stderr) == (0, "", "")
     mark = live.mark()
     start = _run(_service_exec("ExecStart", live.bin_dir), env)
-    assert start.returncode == 0, _why(start)
+    assert start.returncode == 0, why(start)
     assert json.loads(out.read_text())["sub"] == "demo-user"
     assert live.whoami_since(mark) == [Whoami("ok", f"Bearer {live.token('nightly')}")]
 
@@ -416,14 +407,14 @@ def test_systemd_condition_skips_the_run_when_no_token(
     env = _service_env(bare.proc.socket, live.whoami_url, tmp_path / "o")
     condition = _service_exec("ExecCondition", bare.bin_dir)
     unauthorized = _run(condition, env)
-    assert unauthorized.returncode == 10, _why(unauthorized)
+    assert unauthorized.returncode == 10, why(unauthorized)
     assert unauthorized.stdout == ""
-    assert "nightly" in _one_line(unauthorized.stderr)
+    assert "nightly" in one_line(unauthorized.stderr)
     assert bare.proc.stop() == 0
     stopped = _run(condition, env)
-    assert stopped.returncode == 69, _why(stopped)
+    assert stopped.returncode == 69, why(stopped)
     assert stopped.stdout == ""
-    assert "not running" in _one_line(stopped.stderr)
+    assert "not running" in one_line(stopped.stderr)
 
 
 # ----------------------------------------------------------------------------- Claude Code
@@ -439,7 +430,7 @@ def test_headers_helper_prints_one_json_object_of_strings(live: Live) -> None:
         assert server["type"] == "http"
         env = live.env(CLAUDE_CODE_MCP_SERVER_NAME=name, CLAUDE_CODE_MCP_SERVER_URL=server["url"])
         result = _run(["/bin/sh", "-c", server["headersHelper"]], env, timeout=10)
-        assert (result.returncode, result.stderr) == (0, ""), _why(result)
+        assert (result.returncode, result.stderr) == (0, ""), why(result)
         headers = json.loads(result.stdout)
         assert isinstance(headers, dict)
         assert all(isinstance(v, str) for v in headers.values())
@@ -455,9 +446,9 @@ def test_headers_helper_fails_with_nothing_on_stdout(live: Live, tmp_path: Path)
     for name, server in servers.items():
         env = live.env(CLAUDE_CODE_MCP_SERVER_NAME=name, TOKEND_SOCKET=str(tmp_path / "no.sock"))
         result = _run(["/bin/sh", "-c", server["headersHelper"]], env, timeout=10)
-        assert result.returncode == 69, _why(result)
+        assert result.returncode == 69, why(result)
         assert result.stdout == ""
-        assert "not running" in _one_line(result.stderr)
+        assert "not running" in one_line(result.stderr)
 
 
 # ----------------------------------------------------------------------------- mcp-remote
@@ -510,7 +501,7 @@ def test_mcp_remote_gets_the_token_through_its_environment(live: Live, tmp_path:
     is accepted by the protected resource."""
     env, record_path = _npx_env(live, tmp_path)
     result = _run([str(MCP_REMOTE_SCRIPT), "example", live.whoami_url], env)
-    assert (result.returncode, result.stderr) == (0, ""), _why(result)
+    assert (result.returncode, result.stderr) == (0, ""), why(result)
     record = json.loads(record_path.read_text())
     token = live.token("example")
     assert record["argv"] == [
@@ -531,8 +522,8 @@ def test_mcp_remote_is_not_started_without_a_token(live: Live, tmp_path: Path) -
     mcp-remote; without its arguments it exits 64 with a usage line."""
     env, record_path = _npx_env(live, tmp_path)
     result = _run([str(MCP_REMOTE_SCRIPT), UNAUTHORIZED, live.whoami_url], env)
-    assert result.returncode == 10, _why(result)
-    assert UNAUTHORIZED in _one_line(result.stderr)
+    assert result.returncode == 10, why(result)
+    assert UNAUTHORIZED in one_line(result.stderr)
     assert not record_path.exists()
     usage = _run([str(MCP_REMOTE_SCRIPT)], env)
     assert usage.returncode == 64
@@ -598,7 +589,7 @@ def test_curl_script_sends_the_token_in_no_command_line(live: Live, watcher: _Ar
     waiting for the answer no process's command line holds the token."""
     url = f"http://127.0.0.1:{watcher.server_address[1]}/watched"
     result = _run([str(CURL_SCRIPT), "gh", url], live.env())
-    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", ""), _why(result)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", ""), why(result)
     assert watcher.authorizations == [f"Bearer {live.token('gh')}"]
     assert watcher.saw_curl, "curl's command line was not seen: the scan proved nothing"
     assert watcher.leaks == []
@@ -609,8 +600,8 @@ def test_curl_script_does_not_call_without_a_token(live: Live, watcher: _ArgvWat
     sends the request; without its arguments it exits 64."""
     url = f"http://127.0.0.1:{watcher.server_address[1]}/watched"
     result = _run([str(CURL_SCRIPT), UNAUTHORIZED, url], live.env())
-    assert result.returncode == 10, _why(result)
-    assert UNAUTHORIZED in _one_line(result.stderr)
+    assert result.returncode == 10, why(result)
+    assert UNAUTHORIZED in one_line(result.stderr)
     assert watcher.authorizations == []
     assert _run([str(CURL_SCRIPT)], live.env()).returncode == 64
 
@@ -645,7 +636,7 @@ def test_no_snippet_execs_a_process_with_the_token_in_argv(
         argv = [str(MCP_REMOTE_SCRIPT), "example", live.whoami_url]
         connector, program = "example", "npx"
     result = _run([*strace, *argv], env)
-    assert result.returncode == 0, _why(result)
+    assert result.returncode == 0, why(result)
     execs = [line for line in trace.read_text().splitlines() if "execve" in line]
     assert any(f'/{program}", ["{program}"' in line for line in execs), execs
     token = live.token(connector)
@@ -827,4 +818,4 @@ def test_every_snippet_is_documented_and_shell_ones_are_posix(live: Live) -> Non
             assert path.read_text().startswith("#!/bin/sh\n")
             assert "\nset -eu\n" in path.read_text()
             check = _run(["/bin/sh", "-n", str(path)], live.env())
-            assert check.returncode == 0, _why(check)
+            assert check.returncode == 0, why(check)

@@ -31,7 +31,7 @@ LAYERS: dict[str, set[str]] = {
     "server": {"clock", "config", "errors", "model"},
     "refresher": {"clock", "config", "errors", "model", "oauth", "policy", "store"},
     "scheduler": {"clock"},
-    "health": {"model", "refresher", "scheduler"},
+    "health": {"clock", "model", "refresher", "scheduler"},
     "reload": {"alerts", "config", "errors", "metrics", "notify", "refresher", "scheduler"},
     "authserver": set(),
     "daemon": {
@@ -64,7 +64,7 @@ LAYERS: dict[str, set[str]] = {
         "paths",
         "store",
     },
-    "cli": {"admin", "client", "errors", "paths"},
+    "cli": {"admin", "client", "clock", "errors", "paths"},
     "__main__": {"cli"},
     "__init__": set(),
 }

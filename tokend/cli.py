@@ -18,6 +18,7 @@ from typing import Any
 
 from tokend import __version__
 from tokend.client import request_json
+from tokend.clock import human_span
 from tokend.errors import ApiError, ExitCode, TokendError
 
 # ----------------------------------------------------------------------------- where things are
@@ -218,18 +219,8 @@ def _until(stamp: object, now: Any) -> str:
 
     secs = int((datetime.fromisoformat(stamp.replace("Z", "+00:00")) - now).total_seconds())
     if secs < 0:
-        return f"{_span(-secs)} ago"
-    return _span(secs)
-
-
-def _span(secs: int) -> str:
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60}m"
-    if secs < 172800:
-        return f"{secs // 3600}h"
-    return f"{secs // 86400}d"
+        return f"{human_span(-secs)} ago"
+    return human_span(secs)
 
 
 # ----------------------------------------------------------------------------- admin commands

@@ -11,6 +11,7 @@ from collections.abc import Collection
 from datetime import datetime
 
 from tokend import __version__
+from tokend.clock import human_span
 from tokend.model import State
 from tokend.refresher.connector import Connector
 from tokend.scheduler import RefreshScheduler
@@ -32,7 +33,7 @@ def summary(connectors: Collection[Connector], *, now: datetime, config_error: s
         text = f"config reload failed, previous config runs: {config_error}; " + text
     if nxt is not None:
         secs = max(0, int((nxt[0] - now).total_seconds()))
-        text += f"; next refresh {nxt[1]} in {_human(secs)}"
+        text += f"; next refresh {nxt[1]} in {human_span(secs)}"
     return text
 
 
@@ -73,13 +74,3 @@ def report(
         "config_error": config_error,
         "summary": summary,
     }
-
-
-def _human(secs: int) -> str:
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60}m"
-    if secs < 172800:
-        return f"{secs // 3600}h"
-    return f"{secs // 86400}d"
