@@ -135,10 +135,15 @@ async def running_daemon(
     store: KeyringStore | None = None,
     backoff_scale: float = 0.02,
     recheck_s: float = 0.5,
+    request_timeout_s: float = 10.0,
 ) -> AsyncIterator[Daemon]:
     """An in-process daemon, READY on exit of the `async with` head, stopped at its end."""
     daemon = Daemon(
-        config, store=store or memory_store(), backoff_scale=backoff_scale, recheck_s=recheck_s
+        config,
+        store=store or memory_store(),
+        backoff_scale=backoff_scale,
+        recheck_s=recheck_s,
+        request_timeout_s=request_timeout_s,
     )
     runner = asyncio.create_task(daemon.run())
     ready = asyncio.create_task(daemon.ready_event.wait())

@@ -305,7 +305,7 @@ async def test_metrics_match_status(tmp_short, auth: AuthServer) -> None:
         assert (await aget(sock, "/v1/connectors/demo/refresh", "POST"))[0] == 200
         auth.fail_next("500")
         status_code, body = await aget(sock, "/v1/connectors/demo/refresh", "POST")
-        assert (status_code, body["state"]) == (200, "retrying")
+        assert (status_code, body["error"]) == (503, "temporarily_unavailable")
         demo = daemon.connectors["demo"]
         # The retry after the transient failure runs by itself after a shortened backoff.
         await _wait_for(lambda: demo.state is State.OK and not demo.refresh_in_flight)

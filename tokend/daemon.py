@@ -58,6 +58,7 @@ class Daemon:
         notifier: Notifier | None = None,
         recheck_s: float = 30.0,
         backoff_scale: float = 1.0,
+        request_timeout_s: float = 10.0,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -66,6 +67,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.recheck_s = recheck_s
         self.backoff_scale = backoff_scale
+        self.request_timeout_s = request_timeout_s  # a client must send its request within this
         self.connectors: dict[str, Connector] = {}
         self.stop_event = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -132,7 +134,7 @@ class Daemon:
         try:
             await self.alerts.start()
             await asyncio.gather(*(c.start(saved.get(n)) for n, c in self.connectors.items()))
-            self.server = ApiServer(self)
+            self.server = ApiServer(self, request_timeout_s=self.request_timeout_s)
             inherited = inherited_socket()
             if inherited is not None:
                 await self.server.start_from_socket(inherited)

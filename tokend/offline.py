@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokend.clock import SystemClock
 from tokend.config import Config
-from tokend.errors import ApiError, ExitCode, TokendError, TransientError
+from tokend.errors import ApiError, ExitCode, TokendError
 from tokend.model import Secret
 from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher.connector import Connector
@@ -65,8 +65,6 @@ def refresh(config: Config, name: str) -> dict[str, object]:
 
     async def operation(connector: Connector) -> None:
         await connector.force_refresh()
-        if connector.record.consecutive_failures:
-            raise TransientError(name, connector.record.last_error or "refresh failed")
 
     return asyncio.run(_once(config, name, operation))
 

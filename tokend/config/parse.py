@@ -232,4 +232,6 @@ def load_config(
         raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer over 4300 digits; [[[[… recurses
+        raise ConfigError(f"{source}: a number is too long or the tables nest too deeply") from exc
     return replace(config_from_mapping(data, source=source, env=env, uid=uid), path=path)

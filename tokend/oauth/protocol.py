@@ -211,6 +211,7 @@ def parse_token_response(
     retry_after = _retry_after(response, obtained_at if received_at is None else received_at)
     if status == 429 or status >= 500:
         data = _json_object(response)
+        redact = _redact_for(data, redact)
         reason = f"token endpoint answered HTTP {status}"
         if data is not None and isinstance(data.get("error"), str):
             reason += f": {sanitise(data['error'], _ERROR_CODE_LIMIT, redact)}"
@@ -222,6 +223,7 @@ def parse_token_response(
     if data is None:
         reason = f"unparseable response (HTTP {status}) from the token endpoint"
         raise TransientError(connector, reason, retry_after=retry_after)
+    redact = _redact_for(data, redact)
     # Some providers (GitHub) send errors with a 2xx status; an `error` without a token is one.
     if isinstance(data.get("error"), str) and (status >= 400 or "access_token" not in data):
         raise _error_from_fields(
@@ -237,6 +239,14 @@ def parse_token_response(
         previous=previous,
         default_lifetime=default_lifetime,
     )
+
+
+def _redact_for(data: Mapping[str, object] | None, redact: tuple[str, ...]) -> tuple[str, ...]:
+    """`redact` plus the token values in the body itself: an error text may echo them."""
+    if data is None:
+        return redact
+    found = (data.get("access_token"), data.get("refresh_token"))
+    return redact + tuple(value for value in found if isinstance(value, str) and value)
 
 
 def _json_object(response: httpx.Response) -> Mapping[str, object] | None:
@@ -256,8 +266,10 @@ def _expires_in(value: object, connector: str) -> float:
     elif isinstance(value, float):
         seconds = value
     elif isinstance(value, int) and not isinstance(value, bool):  # JSON true is no duration
-        seconds = float(min(value, MAX_EXPIRES_IN_S))  # a 400-digit int would overflow float()
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        # a 400-digit int (either sign) would overflow float()
+        seconds = float(max(-1, min(value, MAX_EXPIRES_IN_S)))
+    # Under a microsecond rounds to a zero timedelta: a token that expires as it is obtained.
+    if seconds is None or not math.isfinite(seconds) or seconds < 1e-6:
         raise TransientError(connector, "response has a non-numeric or non-positive expires_in")
     return min(seconds, MAX_EXPIRES_IN_S)
 

@@ -232,6 +232,17 @@ class Connector:
         await self.refresh(forced=True)
         if self.state.is_terminal:
             raise serving.needs_reauth(self)
+        record = self.record
+        if record.consecutive_failures:
+            # The refresh asked for failed transiently: say so (exit 75), not "ok".
+            retry_at = record.retry_at
+            raise serving.unavailable(
+                self,
+                f"refresh failed: {record.last_error or 'transient failure'}",
+                retry_after=policy.retry_after_seconds(retry_at, self.clock.now())
+                if retry_at
+                else None,
+            )
 
     def status(self) -> dict[str, object]:
         """What `status` and the socket show: no secrets."""
