@@ -222,13 +222,24 @@ class DaemonProcess:
         argv: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        verbose: bool = True,
     ) -> DaemonProcess:
-        """Start `python -m tokend -v run` (or `argv`), stdout and stderr into a log file."""
+        """Start `python -m tokend -v run` (or `argv`), stdout and stderr into a log file.
+
+        Benchmarks pass verbose=False: a DEBUG line per request is not what production runs."""
         self.log_path = self.root / f"daemon-{time.monotonic_ns()}.log"
         self.logs.append(self.log_path)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                argv or [sys.executable, "-m", "tokend", "-v", *extra_args, "run"],
+                argv
+                or [
+                    sys.executable,
+                    "-m",
+                    "tokend",
+                    *(["-v"] if verbose else []),
+                    *extra_args,
+                    "run",
+                ],
                 env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -108,7 +108,7 @@ def main() -> int:
                 daemon={"keyring_backend": FILE_BACKEND},
                 refresh={"skew": "5m"},
             )
-            proc = DaemonProcess(root, config).start()
+            proc = DaemonProcess(root, config).start(verbose=False)
             for name in names:
                 status, _ = get(
                     proc.socket, f"/v1/connectors/{name}/grant", "PUT", auth.issue_grant()
@@ -116,7 +116,7 @@ def main() -> int:
                 assert status == 200
             proc.stop()
             started = time.perf_counter()
-            proc.start()  # waits until /v1/health answers
+            proc.start(verbose=False)  # waits until /v1/health answers
             ready_s = time.perf_counter() - started
             assert proc.proc is not None
             pid = proc.proc.pid

@@ -63,7 +63,7 @@ def daemon_with_grants(
         daemon={"keyring_backend": FILE_BACKEND},
         refresh=refresh,
     )
-    proc = DaemonProcess(root, config).start()
+    proc = DaemonProcess(root, config).start(verbose=False)
     try:
         for name in names:
             grant = auth.issue_grant(name) if own_client_ids else auth.issue_grant()
