@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import ipaddress
 import json
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.pki import Pki, make_pki
 from tokend import __version__
 from tokend.authserver import AuthServer
 from tokend.config import ConnectorConfig
@@ -383,78 +379,14 @@ def scripted() -> Iterator[_ScriptedServer]:
     yield from _serve_in_thread(_ScriptedServer())
 
 
-@dataclass(frozen=True)
-class _Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-def _pem(item: Any) -> bytes:
-    """PEM of a certificate or private key (Any: stale type stubs for cryptography may be about)."""
-    pem: Any = serialization.Encoding.PEM
-    if isinstance(item, x509.Certificate):
-        return item.public_bytes(pem)
-    pkcs8: Any = serialization.PrivateFormat.PKCS8
-    data: bytes = item.private_bytes(pem, pkcs8, serialization.NoEncryption())
-    return data
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A throwaway CA and a server certificate for 127.0.0.1 it signed."""
-    directory = tmp_path_factory.mktemp("pki")
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tokend test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - HOUR)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - HOUR)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = _Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    pki.ca_file.write_bytes(_pem(ca_cert))
-    pki.cert_file.write_bytes(_pem(cert))
-    pki.key_file.write_bytes(_pem(key))
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
-def tls_server(pki: _Pki) -> Iterator[_ScriptedServer]:
+def tls_server(pki: Pki) -> Iterator[_ScriptedServer]:
     server = _ScriptedServer()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.cert_file, pki.key_file)
@@ -507,7 +439,7 @@ async def test_refresh_reads_gzip_bodies(scripted: _ScriptedServer) -> None:
 
 @pytest.mark.anyio
 async def test_refresh_verifies_tls_against_the_connector_ca(
-    tls_server: _ScriptedServer, pki: _Pki
+    tls_server: _ScriptedServer, pki: Pki
 ) -> None:
     """TLS is verified: an unknown CA fails as transient; the connector's ca_file makes it work."""
     tls_server.routes["/token"] = (200, _JSON, _TOKEN_BODY)

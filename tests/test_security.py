@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import grp
 import http.client
-import ipaddress
 import json
 import os
 import pwd
@@ -23,18 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get, to_toml, why
+from tests.pki import Pki, make_pki
 from tokend.authserver import AuthServer
 
 IN_CI = os.environ.get("CI") == "true"
@@ -491,73 +486,6 @@ def test_plain_http_token_url_accepted_for_loopback(tmp_short: Path, host: str):
     assert auth.refreshes_ok == 1
 
 
-@dataclass(frozen=True)
-class _Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-def _pem(item: Any) -> bytes:
-    pem: Any = serialization.Encoding.PEM
-    if isinstance(item, x509.Certificate):
-        return item.public_bytes(pem)
-    pkcs8: Any = serialization.PrivateFormat.PKCS8
-    data: bytes = item.private_bytes(pem, pkcs8, serialization.NoEncryption())
-    return data
-
-
-def _make_pki(directory: Path) -> _Pki:
-    """A throwaway CA and a certificate for 127.0.0.1 that it signed."""
-    now = datetime.now(UTC)
-    day = timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tokend security test CA")])
-    usage = {name: False for name in (
-        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
-    )}  # fmt: skip
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - day)
-        .not_valid_after(now + day)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(**{**usage, "key_cert_sign": True, "crl_sign": True}), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - day)
-        .not_valid_after(now + day)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = _Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    pki.ca_file.write_bytes(_pem(ca_cert))
-    pki.cert_file.write_bytes(_pem(cert))
-    pki.key_file.write_bytes(_pem(key))
-    return pki
-
-
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -568,7 +496,7 @@ class _QuietServer(ThreadingHTTPServer):
 class _TlsFront:
     """An HTTPS endpoint on 127.0.0.1 that passes each POST on to the loopback AuthServer."""
 
-    def __init__(self, pki: _Pki, auth: AuthServer) -> None:
+    def __init__(self, pki: Pki, auth: AuthServer) -> None:
         self.hits = 0
         front = self
 
@@ -612,7 +540,7 @@ class _TlsFront:
 def test_https_token_endpoint_with_untrusted_certificate(tmp_short: Path):
     """An https token endpoint whose certificate the system does not trust fails every refresh
     with a TLS error (the connector is not `ok`); with `ca_file` naming its CA, refreshes work."""
-    pki = _make_pki(tmp_short)
+    pki = make_pki(tmp_short)
     with AuthServer(lifetime_s=60.0) as auth:
         front = _TlsFront(pki, auth)
         try:

@@ -17,25 +17,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.benchlib import LoadResult, cpu_s, h2load, pct, rss_mb
 from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get
 from tokend.authserver import AuthServer
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def _median_wall(argv: list[str], runs: int, env: dict[str, str]) -> float:
@@ -45,43 +32,6 @@ def _median_wall(argv: list[str], runs: int, env: dict[str, str]) -> float:
         subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _h2load(socket: Path, path: str, requests: int, clients: int, log: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [
-            "h2load",
-            "--h1",
-            "-n",
-            str(requests),
-            "-c",
-            str(clients),
-            "-m",
-            "1",
-            "-B",
-            f"unix:{socket}",
-            "--log-file",
-            str(log),
-            f"http://tokend{path}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rps = next(
-        float(line.split()[3])
-        for line in done.stdout.splitlines()
-        if line.startswith("finished in")
-    )
-    ok = next(line for line in done.stdout.splitlines() if line.startswith("status codes:"))
-    lat = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines())
-    return {
-        "rps": rps,
-        "p50_ms": lat[len(lat) // 2],
-        "p99_ms": lat[int(len(lat) * 0.99) - 1],
-        "max_ms": lat[-1],
-        "status": ok,
-    }
 
 
 def main() -> int:
@@ -121,10 +71,10 @@ def main() -> int:
             assert proc.proc is not None
             pid = proc.proc.pid
             time.sleep(2.0)
-            rss = _rss_mb(pid)
-            cpu0 = _cpu_s(pid)
+            rss = rss_mb(pid)
+            cpu0 = cpu_s(pid)
             time.sleep(args.idle)
-            idle_cpu_per_hour = (_cpu_s(pid) - cpu0) * 3600 / args.idle
+            idle_cpu_per_hour = (cpu_s(pid) - cpu0) * 3600 / args.idle
 
             env = {**proc.env, "TOKEND_SOCKET": str(proc.socket)}
             tokend = shutil.which("tokend") or ""
@@ -136,20 +86,13 @@ def main() -> int:
                 [sys.executable, "-m", "tokend", "token", names[0]], args.runs, env
             )
 
-            h2 = None
+            h2: LoadResult | None = None
             if shutil.which("h2load"):
                 h2load_log = root / "h2load.log"
-                _h2load(
-                    proc.socket, f"/v1/connectors/{names[0]}/token", 2000, args.clients, h2load_log
-                )  # warm-up
-                h2 = _h2load(
-                    proc.socket,
-                    f"/v1/connectors/{names[0]}/token",
-                    args.requests,
-                    args.clients,
-                    h2load_log,
-                )
-            rss_after = _rss_mb(pid)
+                path = f"/v1/connectors/{names[0]}/token"
+                h2load(str(proc.socket), path, 2000, args.clients, h2load_log)  # warm-up
+                h2 = h2load(str(proc.socket), path, args.requests, args.clients, h2load_log)
+            rss_after = rss_mb(pid)
             proc.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -175,10 +118,10 @@ def main() -> int:
         rows += [
             (
                 f"lookups, keep-alive, {args.clients} clients (h2load)",
-                f"{h2['rps']:.0f} req/s, p50 {h2['p50_ms']:.2f} ms, p99 {h2['p99_ms']:.2f} ms, "
-                f"max {h2['max_ms']:.2f} ms",
+                f"{h2.rps:.0f} req/s, p50 {pct(h2.latencies_ms, 0.5):.2f} ms, "
+                f"p99 {pct(h2.latencies_ms, 0.99):.2f} ms, max {h2.latencies_ms[-1]:.2f} ms",
             ),
-            ("  h2load " + h2["status"].split(":", 1)[0], h2["status"].split(":", 1)[1].strip()),
+            ("  failed lookups", f"{h2.failures} of {args.requests}"),
             ("daemon RSS after the load", f"{rss_after:.1f} MB"),
         ]
     width = max(len(k) for k, _ in rows)
