@@ -4,9 +4,11 @@ state change, a reminder while it lasts and `recovered` when it ends; sinks neve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from tests.harness import MemoryKeyring, aget, make_config, memory_store, running_daemon
 from tokend.authserver import AuthServer
+from tokend.config import AlertSettings, Config
 
 pytestmark = pytest.mark.anyio
 
@@ -76,13 +79,8 @@ async def test_needs_reauth_alert_reminder_and_recovered(tmp_short):
     argv, out = _exec_sink(tmp_short)
     try:
         with AuthServer(lifetime_s=60.0) as auth:
-            config = make_config(tmp_short, auth.token_url)
-            config = type(config)(
-                path=None,
-                daemon=config.daemon,
-                refresh=config.refresh,
-                connectors=config.connectors,
-                alerts=type(config.alerts)(exec=tuple(argv), webhook=receiver.url, repeat=_s(1.5)),
+            config = _with_alerts(
+                make_config(tmp_short, auth.token_url), argv, receiver.url, repeat=_s(1.5)
             )
             async with running_daemon(config) as daemon:
                 sock = daemon.config.daemon.socket
@@ -134,13 +132,8 @@ async def test_persist_failed_alert_and_hanging_sink_does_not_delay_refresh(tmp_
     backend = MemoryKeyring()
     try:
         with AuthServer(lifetime_s=60.0) as auth:
-            base = make_config(tmp_short, auth.token_url)
-            config = type(base)(
-                path=None,
-                daemon=base.daemon,
-                refresh=base.refresh,
-                connectors=base.connectors,
-                alerts=type(base.alerts)(exec=tuple(argv), webhook=receiver.url, repeat=_s(3600)),
+            config = _with_alerts(
+                make_config(tmp_short, auth.token_url), argv, receiver.url, repeat=_s(3600)
             )
             async with running_daemon(config, store=memory_store(backend)) as daemon:
                 sock = daemon.config.daemon.socket
@@ -162,7 +155,11 @@ async def test_persist_failed_alert_and_hanging_sink_does_not_delay_refresh(tmp_
     assert auth.refreshes_ok == 4
 
 
-def _s(seconds: float):
-    from datetime import timedelta
+def _with_alerts(config: Config, argv: list[str], webhook: str, *, repeat: timedelta) -> Config:
+    """`config` with an exec sink and a webhook sink."""
+    alerts = AlertSettings(exec=tuple(argv), webhook=webhook, repeat=repeat)
+    return dataclasses.replace(config, alerts=alerts)
 
+
+def _s(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)

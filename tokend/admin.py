@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from tokend import paths
@@ -36,11 +36,14 @@ def _quote(name: str) -> str:
     return quote(name, safe="")
 
 
+T = TypeVar("T")
+
+
 def _daemon_or_direct(
     args: argparse.Namespace,
-    via_socket: Callable[[str], int],
-    direct: Callable[[Config], int],
-) -> int:
+    via_socket: Callable[[str], T],
+    direct: Callable[[Config], T],
+) -> T:
     """Through the daemon when it runs (its keyring is used), else on the store directly while
     holding the state directory's lock (so a daemon starting meanwhile cannot race us)."""
     socket_path = _socket_path(args)
@@ -85,20 +88,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise ApiError("bad_request", "expected a JSON object", connector=args.name)
     name = args.name
 
-    def via_socket(path: str) -> int:
-        status = request_json(
+    def direct(config: Config) -> dict[str, object]:
+        from tokend import offline  # loads httpx and keyring: only when the daemon is down
+
+        return offline.install_grant(config, name, fields)
+
+    status = _daemon_or_direct(
+        args,
+        lambda path: request_json(
             path, "PUT", f"/v1/connectors/{_quote(name)}/grant", fields, connector=name
-        )
-        _say_installed(status)
-        return 0
-
-    def direct(config: Config) -> int:
-        from tokend import offline
-
-        _say_installed(offline.install_grant(config, name, fields))
-        return 0
-
-    return _daemon_or_direct(args, via_socket, direct)
+        ),
+        direct,
+    )
+    _say_installed(status)
+    return 0
 
 
 def _say_installed(status: dict[str, Any]) -> None:
@@ -115,44 +118,43 @@ def cmd_secret(args: argparse.Namespace) -> int:
         raise ApiError("bad_request", "empty client secret on stdin", connector=args.name)
     name = args.name
 
-    def via_socket(path: str) -> int:
-        request_json(
+    def direct(config: Config) -> None:
+        from tokend import offline
+
+        offline.store_secret(config, name, secret)
+
+    _daemon_or_direct(
+        args,
+        lambda path: request_json(
             path,
             "PUT",
             f"/v1/connectors/{_quote(name)}/secret",
             {"client_secret": secret},
             connector=name,
-        )
-        print(f"tokend: {name}: client secret stored", file=sys.stderr)
-        return 0
-
-    def direct(config: Config) -> int:
-        from tokend import offline
-
-        offline.store_secret(config, name, secret)
-        print(f"tokend: {name}: client secret stored", file=sys.stderr)
-        return 0
-
-    return _daemon_or_direct(args, via_socket, direct)
+        ),
+        direct,
+    )
+    print(f"tokend: {name}: client secret stored", file=sys.stderr)
+    return 0
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     name = args.name
 
-    def via_socket(path: str) -> int:
-        status = request_json(
-            path, "POST", f"/v1/connectors/{_quote(name)}/refresh", connector=name
-        )
-        _say_refreshed(status)
-        return 0
-
-    def direct(config: Config) -> int:
+    def direct(config: Config) -> dict[str, object]:
         from tokend import offline
 
-        _say_refreshed(offline.refresh(config, name))
-        return 0
+        return offline.refresh(config, name)
 
-    return _daemon_or_direct(args, via_socket, direct)
+    status = _daemon_or_direct(
+        args,
+        lambda path: request_json(
+            path, "POST", f"/v1/connectors/{_quote(name)}/refresh", connector=name
+        ),
+        direct,
+    )
+    _say_refreshed(status)
+    return 0
 
 
 def _say_refreshed(status: dict[str, Any]) -> None:
