@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -58,17 +60,41 @@ def ring(store_path: Path) -> EncryptedFileKeyring:
     return EncryptedFileKeyring(file_path=store_path)
 
 
-def read_store(path: Path, key_path: Path | None = None) -> dict[str, dict[str, str]]:
-    """Decrypt a keyring file independently of the backend, following the documented format."""
+def _open_sealed(path: Path, key: bytes, fmt: str, aad: bytes) -> bytes:
+    """Decrypt one file of the documented format {format, version, nonce, ciphertext}."""
     doc = json.loads(path.read_bytes())
-    assert (doc["format"], doc["version"]) == ("tokend-keyring", 1)
-    raw = (key_path or path.with_name(path.name + ".key")).read_bytes()
-    key = raw if len(raw) == 32 else base64.b64decode(raw)
+    assert (doc["format"], doc["version"]) == (fmt, 2)
     nonce = base64.b64decode(doc["nonce"])
     assert len(nonce) == 12
-    plain = AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"]), b"tokend-keyring/1")
-    result: dict[str, dict[str, str]] = json.loads(plain)
+    return AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"]), aad)
+
+
+def read_store(path: Path, key_path: Path | None = None) -> dict[str, dict[str, str]]:
+    """Decrypt a keyring independently of the backend, following the documented format: the
+    header proves the key, each file in `<path>.d` holds one [service, username, password]."""
+    raw = (key_path or path.with_name(path.name + ".key")).read_bytes()
+    key = raw if len(raw) == 32 else base64.b64decode(raw)
+    assert _open_sealed(path, key, "tokend-keyring", b"tokend-keyring/2") == (
+        b"tokend-keyring key check"
+    )
+    names = hmac.new(key, b"tokend-keyring/2 item names", hashlib.sha256).digest()
+    result: dict[str, dict[str, str]] = {}
+    items = path.with_name(path.name + ".d")
+    for item in sorted(items.iterdir()) if items.exists() else []:
+        if item.name.startswith("."):
+            continue
+        aad = b"tokend-keyring-item/2/" + item.name.encode()
+        service, user, password = json.loads(_open_sealed(item, key, "tokend-keyring-item", aad))
+        expected = hmac.new(names, json.dumps([service, user]).encode(), hashlib.sha256)
+        assert item.name == expected.hexdigest()
+        result.setdefault(service, {})[user] = password
     return result
+
+
+def item_files(path: Path) -> list[Path]:
+    """The item files of the keyring at `path` (no temp files)."""
+    items = path.with_name(path.name + ".d")
+    return sorted(p for p in items.iterdir() if not p.name.startswith("."))
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -181,40 +207,40 @@ def test_modes_are_private(ring: EncryptedFileKeyring, store_path: Path) -> None
 def test_ciphertext_hides_everything(ring: EncryptedFileKeyring, store_path: Path) -> None:
     """The file shows neither the password nor the service and username, in any encoding."""
     ring.set_password("my-service", "my-user", PASSWORD)
-    blob = store_path.read_bytes()
-    for text in (PASSWORD, "canary", "my-service", "my-user"):
-        for form in (text.encode(), base64.b64encode(text.encode()), json.dumps(text).encode()):
-            assert form not in blob
-    assert set(json.loads(blob)) == {"format", "version", "nonce", "ciphertext"}
+    (item,) = item_files(store_path)
+    for path in (store_path, item):
+        blob = path.read_bytes()
+        for text in (PASSWORD, "canary", "my-service", "my-user"):
+            for form in (text.encode(), base64.b64encode(text.encode()), json.dumps(text).encode()):
+                assert form not in blob and form not in path.name.encode()
+        assert set(json.loads(blob)) == {"format", "version", "nonce", "ciphertext"}
 
 
 def test_every_write_uses_a_fresh_nonce(ring: EncryptedFileKeyring, store_path: Path) -> None:
     """Rewriting the same contents produces a different nonce and ciphertext."""
     ring.set_password("svc", "a", PASSWORD)
-    first = json.loads(store_path.read_bytes())
+    (item,) = item_files(store_path)
+    first = json.loads(item.read_bytes())
     ring.set_password("svc", "a", PASSWORD)
-    second = json.loads(store_path.read_bytes())
+    second = json.loads(item.read_bytes())
     assert first["nonce"] != second["nonce"]
     assert first["ciphertext"] != second["ciphertext"]
 
 
 def test_stale_temp_files_are_removed(ring: EncryptedFileKeyring, store_path: Path) -> None:
-    """A write removes temp files left by a killed writer, and nothing else."""
+    """A new writer removes temp files left by a killed writer, and nothing else."""
     ring.set_password("svc", "a", "1")
-    stale = store_path.with_name(".keyring.enc.0123456789abcdef.tmp")
+    (item,) = item_files(store_path)
+    stale = item.with_name(f".{item.name}.0123456789abcdef.tmp")
     stale.write_bytes(b"half")
-    unrelated = store_path.with_name(".keyring.enc.notours.tmp")
+    unrelated = item.with_name(f".{item.name}.notours.tmp")
     unrelated.write_bytes(b"keep")
-    ring.set_password("svc", "b", "2")
+    EncryptedFileKeyring(file_path=store_path).set_password("svc", "b", "2")
     assert not stale.exists()
     assert unrelated.exists()
     names = sorted(p.name for p in store_path.parent.iterdir())
-    assert names == [
-        ".keyring.enc.notours.tmp",
-        "keyring.enc",
-        "keyring.enc.key",
-        "keyring.enc.lock",
-    ]
+    assert names == ["keyring.enc", "keyring.enc.d", "keyring.enc.key", "keyring.enc.lock"]
+    assert len(item_files(store_path)) == 2
 
 
 # -- keys and damaged files --------------------------------------------------------------------
@@ -241,13 +267,17 @@ def test_wrong_key_is_refused(ring: EncryptedFileKeyring, store_path: Path) -> N
 def test_tampered_file_is_refused(ring: EncryptedFileKeyring, store_path: Path) -> None:
     """A flipped ciphertext bit or a changed header fails to open; it is never half-trusted."""
     ring.set_password("svc", "a", PASSWORD)
+    (item,) = item_files(store_path)
+    item_doc = json.loads(item.read_bytes())
     doc = json.loads(store_path.read_bytes())
-    ciphertext = bytearray(base64.b64decode(doc["ciphertext"]))
-    ciphertext[0] ^= 1
-    store_path.write_text(json.dumps({**doc, "ciphertext": base64.b64encode(ciphertext).decode()}))
-    with pytest.raises(KeyMismatchError, match="modified"):
-        EncryptedFileKeyring(file_path=store_path).get_password("svc", "a")
-    store_path.write_text(json.dumps({**doc, "version": 2}))
+    for path, original in ((item, item_doc), (store_path, doc)):
+        ciphertext = bytearray(base64.b64decode(original["ciphertext"]))
+        ciphertext[0] ^= 1
+        flipped = {**original, "ciphertext": base64.b64encode(ciphertext).decode()}
+        path.write_text(json.dumps(flipped))
+        with pytest.raises(KeyMismatchError, match="modified"):
+            EncryptedFileKeyring(file_path=store_path).get_password("svc", "a")
+    store_path.write_text(json.dumps({**doc, "version": 3}))
     with pytest.raises(EncryptedFileError, match="version"):
         EncryptedFileKeyring(file_path=store_path).get_password("svc", "a")
     for garbage in (b"", b"{", b"[]", json.dumps({**doc, "nonce": "!!"}).encode()):
@@ -365,19 +395,22 @@ def test_default_paths(tmp_path: Path) -> None:
 # -- caching -----------------------------------------------------------------------------------
 
 
-def test_repeated_reads_use_the_cache(ring: EncryptedFileKeyring, store_path: Path) -> None:
-    """Once the file has settled, reads are served from memory while its stat is unchanged."""
-    ring.set_password("svc", "a", PASSWORD)
-    age(store_path)
-    st = store_path.stat()
-    assert ring.get_password("svc", "a") == PASSWORD
-    # Same inode, size and mtime, different bytes: only a cache can still answer.
-    with open(store_path, "r+b") as file:
-        file.write(b"X" * st.st_size)
-    os.utime(store_path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert ring.get_password("svc", "a") == PASSWORD
-    with pytest.raises(EncryptedFileError):
-        EncryptedFileKeyring(file_path=store_path).get_password("svc", "a")
+def test_item_moved_to_another_name_is_refused(
+    ring: EncryptedFileKeyring, store_path: Path
+) -> None:
+    """An item file renamed to another item's name fails to open: its name is authenticated."""
+    ring.set_password("svc", "a", "value-a")
+    ring.set_password("svc", "b", "value-b")
+    first, second = item_files(store_path)
+    os.replace(first, second)
+    outcomes = []
+    for user in ("a", "b"):
+        try:
+            outcomes.append(ring.get_password("svc", user))
+        except KeyMismatchError as exc:
+            outcomes.append("refused" if "modified" in str(exc) else str(exc))
+    # One name's file is gone; the other name's file holds an item sealed under another name.
+    assert sorted(outcomes, key=str) == [None, "refused"]
 
 
 def test_cache_sees_another_process_write(ring: EncryptedFileKeyring, store_path: Path) -> None:
@@ -392,6 +425,123 @@ def test_cache_sees_another_process_write(ring: EncryptedFileKeyring, store_path
     """
     run_python(code, child_env(), str(store_path))
     assert ring.get_password("svc", "a") == "new-value-2"
+
+
+# -- one file per item, and the version-1 single file ------------------------------------------
+
+
+def write_legacy(path: Path, data: dict[str, dict[str, str]]) -> bytes:
+    """Write a version-1 keyring (every item in one file, AAD `tokend-keyring/1`) and its key."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = os.urandom(32)
+    key_path = path.with_name(path.name + ".key")
+    key_path.write_bytes(base64.b64encode(key) + b"\n")
+    key_path.chmod(0o600)
+    nonce = os.urandom(12)
+    sealed = AESGCM(key).encrypt(nonce, json.dumps(data).encode(), b"tokend-keyring/1")
+    doc = {
+        "format": "tokend-keyring",
+        "version": 1,
+        "nonce": base64.b64encode(nonce).decode(),
+        "ciphertext": base64.b64encode(sealed).decode(),
+    }
+    path.write_text(json.dumps(doc) + "\n")
+    path.chmod(0o600)
+    return key
+
+
+LEGACY = {"tokend": {"demo": "grant-json", "demo:client_secret": "cs"}, "other": {"u": "p"}}
+
+
+def test_write_touches_only_its_item(ring: EncryptedFileKeyring, store_path: Path) -> None:
+    """A write replaces its own item file; the header and every other item stay as they were."""
+    for i in range(20):
+        ring.set_password("svc", f"u{i}", f"v{i}")
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in item_files(store_path)}
+    header = (store_path.stat().st_ino, store_path.read_bytes())
+    ring.set_password("svc", "u7", "changed")
+    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in item_files(store_path)}
+    changed = [name for name in before if before[name] != after[name]]
+    assert len(changed) == 1 and after.keys() == before.keys()
+    assert (store_path.stat().st_ino, store_path.read_bytes()) == header
+    assert read_store(store_path)["svc"]["u7"] == "changed"
+
+
+def test_version_1_file_is_migrated_on_first_read(store_path: Path) -> None:
+    """A version-1 file is read, then rewritten as header and items under the same key."""
+    key = write_legacy(store_path, LEGACY)
+    ring = EncryptedFileKeyring(file_path=store_path)
+    assert ring.get_password("tokend", "demo") == "grant-json"
+    assert json.loads(store_path.read_bytes())["version"] == 2
+    assert read_store(store_path) == LEGACY
+    assert base64.b64decode(ring.key_path.read_bytes()) == key
+    assert store_path.stat().st_mode & 0o777 == 0o600
+    for item in item_files(store_path):
+        assert item.stat().st_mode & 0o777 == 0o600
+    assert EncryptedFileKeyring(file_path=store_path).get_password("other", "u") == "p"
+
+
+def test_version_1_file_is_migrated_on_first_write(store_path: Path) -> None:
+    """A write to a version-1 keyring keeps every old item beside the new one."""
+    write_legacy(store_path, LEGACY)
+    EncryptedFileKeyring(file_path=store_path).set_password("tokend", "new", "n")
+    assert read_store(store_path) == {**LEGACY, "tokend": {**LEGACY["tokend"], "new": "n"}}
+
+
+def test_interrupted_migration_is_redone_from_the_old_file(store_path: Path) -> None:
+    """Until the header replaces it, the version-1 file is what counts: item files left by an
+    interrupted migration, or by a newer keyring a backup was restored over, are replaced."""
+    write_legacy(store_path, {"other": {"u": "p"}})
+    ring = EncryptedFileKeyring(file_path=store_path)
+    ring.set_password("svc", "later", "x")  # migrates, then adds an item
+    ring.set_password("other", "u", "newer")
+    items = {p.name: p.read_bytes() for p in item_files(store_path)}
+    key = write_legacy(store_path, {"other": {"u": "p"}, "svc": {"old": "o"}})
+    ring.key_path.write_bytes(base64.b64encode(key) + b"\n")  # the restored file's key
+    assert items  # the directory still holds the newer items, sealed under the old key
+    assert EncryptedFileKeyring(file_path=store_path).get_password("other", "u") == "p"
+    assert read_store(store_path) == {"other": {"u": "p"}, "svc": {"old": "o"}}
+
+
+def test_version_1_file_stays_readable_when_it_cannot_be_migrated(store_path: Path) -> None:
+    """If the item directory cannot be made, reads serve the version-1 file as it is; writes
+    fail without touching it."""
+    write_legacy(store_path, LEGACY)
+    before = store_path.read_bytes()
+    store_path.with_name("keyring.enc.d").write_bytes(b"")  # a file where the directory goes
+    ring = EncryptedFileKeyring(file_path=store_path)
+    assert ring.get_password("tokend", "demo:client_secret") == "cs"
+    cred = ring.get_credential("other", None)
+    assert cred is not None and (cred.username, cred.password) == ("u", "p")
+    with pytest.raises(KeyringError):
+        ring.set_password("tokend", "demo", "x")
+    assert store_path.read_bytes() == before
+
+
+def test_wrong_key_is_refused_before_migrating(
+    ring: EncryptedFileKeyring, store_path: Path
+) -> None:
+    """A version-1 file with the wrong key is refused and left as it was, nothing migrated."""
+    write_legacy(store_path, LEGACY)
+    before = store_path.read_bytes()
+    ring.key_path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    with pytest.raises(KeyMismatchError):
+        ring.get_password("tokend", "demo")
+    with pytest.raises(KeyMismatchError):
+        ring.set_password("tokend", "demo", "x")
+    assert store_path.read_bytes() == before
+    assert not store_path.with_name("keyring.enc.d").exists()
+
+
+def test_wrong_key_is_refused_for_items_not_stored(
+    ring: EncryptedFileKeyring, store_path: Path
+) -> None:
+    """With another key, even a lookup of an item that was never stored fails (the header
+    proves the key), rather than answering None."""
+    ring.set_password("svc", "a", PASSWORD)
+    ring.key_path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    with pytest.raises(KeyMismatchError):
+        EncryptedFileKeyring(file_path=store_path).get_password("svc", "never-stored")
 
 
 # -- concurrency and crashes -------------------------------------------------------------------

@@ -19,7 +19,8 @@ import keyring.backends.fail
 import keyring.errors
 import pytest
 
-from tests.harness import MemoryKeyring, make_config, memory_store
+from tests.harness import MemoryKeyring, config_dict, make_config, memory_store
+from tokend.encrypted_file import EncryptedFile
 from tokend.errors import (
     ExitCode,
     GenerationConflictError,
@@ -339,7 +340,7 @@ def test_from_settings_places_the_file_backend_under_state_dir(tmp_path, clean_k
         daemon={"keyring_backend": FILE_BACKEND, "keyring_service": "svc"},
     )
     store = KeyringStore.from_settings(config.daemon)
-    assert isinstance(store.backend, EncryptedFileKeyring)
+    assert isinstance(store.backend, EncryptedFile)
     assert store.backend_name == FILE_BACKEND
     assert store.service == "svc"
     state_dir = tmp_path / "state"
@@ -350,6 +351,43 @@ def test_from_settings_places_the_file_backend_under_state_dir(tmp_path, clean_k
     assert b"SEKRIT" not in (state_dir / "keyring.enc").read_bytes()
     again = KeyringStore.from_settings(config.daemon)
     assert again.load("demo") == saved
+
+
+def test_file_backend_is_used_without_loading_keyring(tmp_path):
+    """Naming the encrypted-file backend (config or PYTHON_KEYRING_BACKEND) loads neither the
+    keyring package nor its dependencies; what the store writes, the keyring backend reads."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from tokend.config import config_from_mapping
+        from tokend.model import Secret
+        from tokend.store import KeyringStore
+        config = config_from_mapping(json.loads(sys.argv[1]), source="test.toml")
+        store = KeyringStore.from_settings(config.daemon)
+        store.probe()
+        store.save_client_secret("demo", Secret("cs-from-store"))
+        print(json.dumps([store.backend_name, "keyring" in sys.modules]))
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYRING_", "TOKEND_"))}
+    env["PYTHONPATH"] = str(root)
+    for named_in_config in (True, False):
+        env["PYTHON_KEYRING_BACKEND"] = "" if named_in_config else FILE_BACKEND
+        daemon = {"keyring_backend": FILE_BACKEND} if named_in_config else {}
+        config = config_dict(tmp_path, "https://auth.example/token", daemon=daemon)
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == [FILE_BACKEND, False]
+    ring = EncryptedFileKeyring(file_path=tmp_path / "state" / "keyring.enc")
+    assert ring.get_password("tokend", "demo:client_secret") == "cs-from-store"
 
 
 def test_from_settings_refuses_an_unloadable_backend(tmp_path, clean_keyring_env):
