@@ -980,3 +980,121 @@ async def test_peer_credentials_of_another_user(sock_dir: Path) -> None:
     assert (peer.uid, peer.gid, peer.groups) == (65534, 65534, frozenset({65534, 100}))
     assert stranger.returncode != 0  # 0750 directory and 0660 socket keep others out
     assert len(source.peers) == 1
+
+
+# --- the httptools connection: parsing edges, long pipelines, the token answer cache --------
+
+
+@pytest.mark.anyio
+async def test_token_answer_follows_a_new_token_set(sock_dir: Path) -> None:
+    """The cached token answer is rebuilt when the source serves a new TokenSet, byte for byte
+    what json.dumps gives."""
+    source = FakeTokenSource({"a": make_tokens("at-one", scope="read")})
+    async with serving(source, sock_dir) as path:
+        first = await call(path, "GET", "/v1/connectors/a/token")
+        again = await call(path, "GET", "/v1/connectors/a/token")
+        source.tokens["a"] = make_tokens("at-two", scope=None)
+        second = await call(path, "GET", "/v1/connectors/a/token")
+    assert first.json()["access_token"] == again.json()["access_token"] == "at-one"
+    assert second.json()["access_token"] == "at-two"
+    assert second.json()["scope"] is None
+    for reply in (first, second):
+        expected = json.dumps(reply.json(), separators=(",", ":")).encode() + b"\n"
+        assert reply.body == expected
+
+
+def endless_head_in_pieces(path: str) -> tuple[Reply, bool]:
+    with connect(path) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+            for _ in range(40):  # 40 KiB of one header line that never ends
+                sock.sendall(b"x" * 1024)
+                time.sleep(0.002)
+        reply = read_replies(sock, 1)[1][0]
+        return reply, is_closed(sock)
+
+
+@pytest.mark.anyio
+async def test_unfinished_head_arriving_in_pieces_is_431(sock_dir: Path) -> None:
+    """A head that keeps growing across many reads without ending is cut with 431."""
+    async with serving(FakeTokenSource(), sock_dir) as path:
+        reply, closed = await in_thread(endless_head_in_pieces, path)
+        after = await call(path, "GET", "/v1/health")
+    assert reply.status == 431
+    assert closed
+    assert after.status == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("data", "status", "close_header"),
+    [
+        (b"GET /v1/health HTTP/1.1\r\n\r\n", 400, "close"),  # HTTP/1.1 requires Host
+        (b"GET /v1/health HTTP/2.0\r\nHost: t\r\n\r\n", 400, "close"),
+        (b"GET /v1/health HTTP/1.0\r\n\r\n", 200, "close"),  # no keep-alive for HTTP/1.0
+        (b"GET /v1/health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 200, "close"),
+        (b"GET /v1/health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 200, "close"),
+        (b"GET /v1/health HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\n"
+         b"Upgrade: websocket\r\n\r\n", 200, "close"),  # answered, never upgraded
+    ],
+)  # fmt: skip
+async def test_versions_host_and_upgrades(
+    sock_dir: Path, data: bytes, status: int, close_header: str
+) -> None:
+    """HTTP/1.0 and Connection: close are answered then closed; HTTP/1.1 without Host and other
+    versions are 400; an Upgrade request is answered as plain HTTP/1.1, then closed."""
+    async with serving(FakeTokenSource(), sock_dir) as path:
+        reply, closed = await in_thread(exchange_then_check_closed, path, data)
+    assert reply.status == status
+    assert reply.headers.get("connection") == close_header
+    assert closed
+
+
+@pytest.mark.anyio
+async def test_long_pipeline_is_answered_in_order(sock_dir: Path) -> None:
+    """Hundreds of pipelined requests in one write (more than the server parses ahead) are all
+    answered, in order, on the same connection."""
+    count = 300
+    data = get("/v1/connectors/a/token?format=raw") * count + get("/v1/health")
+    async with serving(FakeTokenSource(), sock_dir) as path:
+        _, replies = await in_thread(raw_request, path, data, count + 1)
+    assert [r.body for r in replies[:count]] == [b"at-a"] * count
+    assert replies[count].json()["status"] == "ok"
+
+
+@pytest.mark.anyio
+async def test_timeout_sweeper_runs_only_while_connections_are_open(sock_dir: Path) -> None:
+    """With no connection open the server keeps no periodic task (an idle daemon sleeps)."""
+    server = ApiServer(FakeTokenSource(), idle_timeout_s=0.4)
+    path = sock_dir / "t.sock"
+    await server.start(path)
+    try:
+        assert server._sweeper is None
+        reply = await call(str(path), "GET", "/v1/health")
+        assert reply.status == 200
+        deadline = time.monotonic() + 10
+        while server._sweeper is not None or server.connections:
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.05)
+    finally:
+        await server.close()
+
+
+def half_close_after(path: str, data: bytes, count: int) -> tuple[list[Reply], bool]:
+    with connect(path) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        replies = read_replies(sock, count)[1]
+        return replies, is_closed(sock)
+
+
+@pytest.mark.anyio
+async def test_half_close_answers_what_was_sent(sock_dir: Path) -> None:
+    """After the client shuts down its sending side, complete requests are answered in order,
+    a request cut short gets 400, and the connection is closed."""
+    data = get("/v1/connectors/a/token?format=raw") + b"GET /v1/health HTTP/1.1\r\nHost: t\r\n"
+    async with serving(FakeTokenSource(), sock_dir) as path:
+        replies, closed = await in_thread(half_close_after, path, data, 2)
+    assert replies[0].body == b"at-a"
+    assert replies[1].status == 400
+    assert closed

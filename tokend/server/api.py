@@ -4,7 +4,8 @@ Owns the `TokenSource` protocol the daemon implements, the `Peer` a request come
 and who may call them, and turning every `ApiError` into its JSON error response. Reports the
 outcome of every token lookup to the source (for metrics), since some outcomes (forbidden, unknown
 connector, a bad query) are decided here. Knows nothing of sockets or HTTP framing (that is
-`tokend.server.http`); never refreshes, stores or decides anything about tokens, and never logs.
+`tokend.server.http` and `tokend.server.connection`); never refreshes, stores or decides anything
+about tokens, and never logs.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class TokenSource(Protocol):
     def statuses(self) -> list[dict[str, object]]: ...
     async def refresh(self, name: str) -> dict[str, object]: ...
     async def install_grant(self, name: str, body: Mapping[str, object]) -> dict[str, object]: ...
-    async def forget_grant(self, name: str) -> dict[str, object]: ...
+    async def forget_grant(self, name: str, *, revoke: bool) -> dict[str, object]: ...
     async def store_secret(self, name: str, secret: Secret) -> None: ...
     def health(self) -> dict[str, object]: ...
     def metrics_text(self) -> str: ...
@@ -160,17 +161,29 @@ async def _token(call: _Call) -> Response:
     if fmt == "raw":  # the socket reply is a boundary where the token leaves on purpose
         return Response(200, tokens.access_token.reveal().encode(), b"text/plain; charset=utf-8")
     remaining = (tokens.expires_at - call.clock.now()).total_seconds()
-    return _json(
-        200,
-        {
-            "connector": call.name,
+    return Response(200, _token_json(call.name, tokens, max(0, math.floor(remaining))))
+
+
+# Per connector, the JSON token answer split around expires_in (the one field that changes
+# between lookups of the same token), kept while the daemon serves the same TokenSet object:
+# most lookups then skip json.dumps and isoformat. One entry per connector name looked up.
+_token_answers: dict[str, tuple[TokenSet, bytes, bytes]] = {}
+
+
+def _token_json(name: str, tokens: TokenSet, expires_in: int) -> bytes:
+    """`_json`'s bytes for the token answer, with its fields in the documented order."""
+    cached = _token_answers.get(name)
+    if cached is None or cached[0] is not tokens:
+        fields = {
+            "connector": name,
             "access_token": tokens.access_token.reveal(),
             "token_type": tokens.token_type,
             "expires_at": isoformat(tokens.expires_at),
-            "expires_in": max(0, math.floor(remaining)),
-            "scope": tokens.scope,
-        },
-    )
+        }
+        head = json.dumps(fields, separators=(",", ":"))[:-1] + ',"expires_in":'
+        tail = ',"scope":' + json.dumps(tokens.scope) + "}\n"
+        cached = _token_answers[name] = (tokens, head.encode(), tail.encode())
+    return cached[1] + str(expires_in).encode() + cached[2]
 
 
 async def _refresh(call: _Call) -> Response:
@@ -182,7 +195,10 @@ async def _install_grant(call: _Call) -> Response:
 
 
 async def _forget_grant(call: _Call) -> Response:
-    return _json(200, await call.source.forget_grant(call.name))
+    revoke = call.query.get("revoke", "false")
+    if revoke not in ("true", "false"):
+        raise _bad_request("revoke must be true or false", call.name)
+    return _json(200, await call.source.forget_grant(call.name, revoke=revoke == "true"))
 
 
 async def _store_secret(call: _Call) -> Response:
@@ -224,6 +240,7 @@ _ROUTES = (
     _Route(
         ("v1", "connectors", None, "grant"),
         {"PUT": _install_grant, "DELETE": _forget_grant},
+        frozenset({"revoke"}),
         admin=True,
     ),
     _Route(("v1", "connectors", None, "secret"), {"PUT": _store_secret}, admin=True),

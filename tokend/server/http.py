@@ -1,9 +1,11 @@
-"""HTTP/1.1 over h11 on the API's unix socket: `ApiServer`, the connection side of DESIGN §5.
+"""The API's unix socket and its server: `ApiServer`, the listening side of DESIGN §5.
 
-Owns binding the socket (modes, stale files) and unlinking it, reading peer credentials, the
-accept loop and each connection's h11 state machine, and keeping one misbehaving client from
-affecting others (size limits, timeouts, a connection cap). What a request means is
-`tokend.server.api`'s business; this module never logs a request body or a token.
+Owns binding the socket (modes, stale files), taking one over from systemd (socket activation,
+`inherited_socket`) and unlinking it, the accept loop, the cap on open connections, the one
+periodic sweeper task that cuts connections past their deadline (it runs only while
+connections are open, so a busy connection costs no timer per read), answering each request
+through `tokend.server.api`, and shutdown. Each connection's parsing, limits and deadlines are
+`tokend.server.connection`'s. Never logs a request body or a token.
 """
 
 from __future__ import annotations
@@ -12,70 +14,27 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import socket
 import stat
-import struct
-from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-
-import h11
 
 from tokend.clock import Clock, SystemClock
 from tokend.errors import ConfigError, ExitCode, TokendError
 from tokend.server.api import Peer, Response, TokenSource, dispatch, error_response
+from tokend.server.connection import Connection, Request
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 16 * 1024
-MAX_BODY_BYTES = 64 * 1024
 MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
-_READ_SIZE = 64 * 1024
 _CLOSE_GRACE_S = 2.0
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux value; absent from older Pythons
+_SWEEP_MIN_S = 0.05
+_SWEEP_MAX_S = 1.0
 
 
 class SocketInUseError(TokendError):
     """Another process accepts connections on the socket path: probably another tokend."""
 
     exit_code = ExitCode.TEMPORARY
-
-
-def read_peer(sock: socket.socket) -> Peer:
-    """The peer's pid, uid, gid and groups; raises OSError when the kernel will not say."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
-    pid, uid, gid = struct.unpack("iII", creds)
-    try:
-        # 1024 bytes (256 groups) is the most CPython's getsockopt accepts; more gives ERANGE.
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
-        groups = set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:
-        try:
-            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
-        except (KeyError, OSError):
-            groups = set()
-    return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset(groups | {gid}))
-
-
-# --- connections ----------------------------------------------------------------------------
-
-
-class _BodyTooLargeError(Exception):
-    pass
-
-
-@dataclass(slots=True, eq=False)
-class _Connection:
-    task: asyncio.Task[None] | None
-    busy: bool = False
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
 
 
 class ApiServer:
@@ -100,11 +59,66 @@ class ApiServer:
         self._max_connections = max_connections
         self._clock: Clock = clock or SystemClock()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._closing = False
         self._at_cap = False
         self._path: Path | None = None
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we created
+        self._sweeper: asyncio.Task[None] | None = None
+        self._all_gone: asyncio.Event | None = None
+        tick = min(request_timeout_s, idle_timeout_s) / 4
+        self._sweep_s = max(_SWEEP_MIN_S, min(_SWEEP_MAX_S, tick))
+
+    # what connections read and report
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def connections(self) -> set[Connection]:
+        return self._connections
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self._request_timeout_s
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self._idle_timeout_s
+
+    def refused_one(self) -> None:
+        """A new connection was closed unanswered (at the cap, or shutting down)."""
+        if not self._at_cap and not self._closing:
+            logger.warning("%d connections open; refusing new ones", len(self._connections))
+        self._at_cap = not self._closing
+
+    def accepted(self, conn: Connection) -> None:
+        self._at_cap = False
+        self._connections.add(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def gone(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        if not self._connections and self._all_gone is not None:
+            self._all_gone.set()
+
+    async def _sweep(self) -> None:
+        """Cut connections past their deadline; ends when none are left (an idle daemon sleeps)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._connections:
+                await asyncio.sleep(self._sweep_s)
+                now = loop.time()
+                for conn in [c for c in self._connections if c.deadline and c.deadline <= now]:
+                    conn.expire()
+        finally:
+            self._sweeper = None
 
     @property
     def path(self) -> Path | None:
@@ -158,7 +172,10 @@ class ApiServer:
         """Serve on an already-bound socket (systemd socket activation); never unlinks it."""
         # A deep backlog: a client connecting with a timeout gets EAGAIN, not a wait, when full.
         backlog = max(128, min(self._max_connections, socket.SOMAXCONN))
-        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, backlog=backlog)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=backlog
+        )
         if self._path is None and isinstance(name := sock.getsockname(), str) and name:
             self._path = Path(name)
         logger.debug("serving on %s", self._path or "an inherited socket")
@@ -169,14 +186,21 @@ class ApiServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections):
-            if not conn.busy and conn.task is not None:
-                conn.task.cancel()
+            if conn.task is None:
+                conn.close()
+        if self._connections:
+            self._all_gone = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), _CLOSE_GRACE_S)
         tasks = [c.task for c in self._connections if c.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=_CLOSE_GRACE_S)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._connections):
+            conn.abort()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -187,160 +211,19 @@ class ApiServer:
                     os.unlink(self._path)
             self._bound = None
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing or len(self._connections) >= self._max_connections:
-            if not self._at_cap and not self._closing:
-                logger.warning("%d connections open; refusing new ones", len(self._connections))
-            self._at_cap = not self._closing
-            writer.transport.abort()
-            return
-        self._at_cap = False
-        conn = _Connection(asyncio.current_task())
-        self._connections.add(conn)
+    async def handle(self, peer: Peer, request: Request) -> Response:
+        """The answer to one request; a handler's bug is logged and answered 500."""
+        method, target = request.method, request.target
         try:
-            peer = read_peer(writer.get_extra_info("socket"))
-            await self._serve(conn, peer, reader, writer)
-        except (OSError, TimeoutError) as exc:
-            logger.debug("connection dropped: %s", type(exc).__name__)
-        except asyncio.CancelledError:
-            # close() cancels connections. This task is the top of its stack and nobody awaits
-            # its cancellation; ending quietly keeps asyncio 3.11's stream callback (which calls
-            # task.exception()) from logging every closed connection as an error.
-            logger.debug("connection closed by shutdown")
-        finally:
-            self._connections.discard(conn)
-            if writer.transport.get_write_buffer_size():
-                writer.transport.abort()
-            else:
-                writer.close()
-
-    async def _serve(
-        self,
-        conn: _Connection,
-        peer: Peer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        h11conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        while not self._closing:
-            try:
-                received = await self._receive(h11conn, reader, writer)
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                code = "headers_too_large" if status == 431 else "bad_request"
-                response = error_response(status, code, "malformed or oversized request")
-                await self._send(h11conn, writer, response, close=True, head_only=False)
-                return
-            except _BodyTooLargeError:
-                response = error_response(
-                    413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes"
-                )
-                await self._send(h11conn, writer, response, close=True, head_only=False)
-                return
-            if received is None:
-                return
-            request, body = received
-            conn.busy = True
-            response = await self._handle(peer, request, body)
-            head_only = request.method == b"HEAD"
-            await self._send(h11conn, writer, response, close=self._closing, head_only=head_only)
-            conn.busy = False
-            if h11conn.our_state is not h11.DONE or h11conn.their_state is not h11.DONE:
-                return
-            h11conn.start_next_cycle()
-
-    async def _receive(
-        self, h11conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[h11.Request, bytes] | None:
-        """The next request and its body; None when the client closed between requests.
-
-        Raises TimeoutError (idle between requests, or head+body slower than the request
-        timeout), h11.RemoteProtocolError (malformed, head too large), _BodyTooLargeError.
-        """
-        loop = asyncio.get_running_loop()
-        started = bool(h11conn.trailing_data[0])
-        request: h11.Request | None = None
-        body = bytearray()
-        first = self._request_timeout_s if started else self._idle_timeout_s
-        async with asyncio.timeout(first) as deadline:
-            while True:
-                event = h11conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(_READ_SIZE)
-                    if data and not started:
-                        started = True
-                        deadline.reschedule(loop.time() + self._request_timeout_s)
-                    h11conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request = event
-                    head = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                    if head > MAX_HEAD_BYTES:
-                        raise h11.RemoteProtocolError("head too large", error_status_hint=431)
-                    length = next((v for n, v in event.headers if n == b"content-length"), b"0")
-                    if int(length) > MAX_BODY_BYTES:  # h11 has checked it is digits
-                        raise _BodyTooLargeError
-                    if h11conn.they_are_waiting_for_100_continue:
-                        writer.write(
-                            h11conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                            or b""
-                        )
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_BODY_BYTES:
-                        raise _BodyTooLargeError
-                elif isinstance(event, h11.EndOfMessage) and request is not None:
-                    return request, bytes(body)
-                else:  # ConnectionClosed between requests
-                    return None
-
-    async def _handle(self, peer: Peer, request: h11.Request, body: bytes) -> Response:
-        method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        path = target.split("?", 1)[0][:200]
-        try:
-            response = await dispatch(self._source, peer, method, target, body, self._clock)
+            response = await dispatch(self._source, peer, method, target, request.body, self._clock)
         except Exception:  # the request handler: one of the three broad catches (STYLE)
+            path = target.split("?", 1)[0][:200]
             logger.exception("request %s %s failed", method, path)
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
-        logger.debug("%s %s -> %d (uid %d)", method, path, response.status, peer.uid)
+        if logger.isEnabledFor(logging.DEBUG):
+            path = target.split("?", 1)[0][:200]
+            logger.debug("%s %s -> %d (uid %d)", method, path, response.status, peer.uid)
         return response
-
-    async def _send(
-        self,
-        h11conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        response: Response,
-        *,
-        close: bool,
-        head_only: bool,
-    ) -> None:
-        headers = [
-            (b"content-type", response.content_type),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"cache-control", b"no-store"),
-            *response.headers,
-        ]
-        if close:
-            headers.append((b"connection", b"close"))
-        try:
-            out = (
-                h11conn.send(
-                    h11.Response(
-                        status_code=response.status,
-                        headers=headers,
-                        reason=_reason(response.status),
-                    )
-                )
-                or b""
-            )
-            if response.body and not head_only:
-                out += h11conn.send(h11.Data(data=response.body)) or b""
-            out += h11conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:  # the connection is past answering (e.g. after an error)
-            return
-        writer.write(out)
-        async with asyncio.timeout(self._request_timeout_s):
-            await writer.drain()
 
 
 def _remove_stale(path: Path) -> None:
