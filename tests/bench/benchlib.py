@@ -37,9 +37,22 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds `pid` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds `pid` (all its threads) has used so far.
+
+    From schedstat (nanoseconds, exact) where the kernel has it; /proc/PID/stat counts in
+    clock ticks, too coarse for runs of a second or two.
+    """
+    try:
+        return (
+            sum(
+                int((task / "schedstat").read_text().split()[0])
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            )
+            / 1e9
+        )
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -50,6 +63,7 @@ def daemon_with_grants(
     *,
     refresh: dict[str, Any] | None = None,
     own_client_ids: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[DaemonProcess]:
     """A real `tokend run` process (file keyring) with one installed grant per connector name.
 
@@ -63,7 +77,7 @@ def daemon_with_grants(
         daemon={"keyring_backend": FILE_BACKEND},
         refresh=refresh,
     )
-    proc = DaemonProcess(root, config).start(verbose=False)
+    proc = DaemonProcess(root, config, env).start(verbose=False)
     try:
         for name in names:
             grant = auth.issue_grant(name) if own_client_ids else auth.issue_grant()
@@ -150,6 +164,7 @@ def conn_per_request_load(sock_path: str, path: str, requests: int, clients: int
 
 def h2load(sock_path: str, path: str, requests: int, clients: int, log: Path) -> LoadResult:
     """Keep-alive HTTP/1.1 load with h2load; latencies from its per-request log."""
+    log.unlink(missing_ok=True)  # h2load appends: an old log would mix in earlier runs
     started = time.perf_counter()
     done = subprocess.run(
         [
