@@ -126,8 +126,8 @@ class FakeTokenSource:
         self.tokens[name] = make_tokens(access)
         return self.status(name)
 
-    async def forget_grant(self, name: str) -> dict[str, object]:
-        self.calls.append(("forget_grant", name))
+    async def forget_grant(self, name: str, *, revoke: bool) -> dict[str, object]:
+        self.calls.append(("forget_grant" + (" revoke" if revoke else ""), name))
         self._maybe_fail("forget_grant")
         self.tokens[name] = None
         return self.status(name)

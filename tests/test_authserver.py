@@ -516,7 +516,11 @@ def test_metadata_document(server: AuthServer, client: httpx.Client) -> None:
     doc = client.get(server.url + "/.well-known/oauth-authorization-server").json()
     assert doc["issuer"] == server.url
     assert doc["token_endpoint"] == server.token_url
-    assert doc["grant_types_supported"] == ["refresh_token"]
+    assert doc["grant_types_supported"] == [
+        "authorization_code",
+        "refresh_token",
+        "urn:ietf:params:oauth:grant-type:device_code",
+    ]
     assert set(doc["token_endpoint_auth_methods_supported"]) == {
         "client_secret_basic",
         "client_secret_post",

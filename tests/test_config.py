@@ -459,12 +459,91 @@ def test_secret_key_outside_a_connector_names_a_placeholder() -> None:
 
 
 @pytest.mark.parametrize("key", ["issuer", "mcp_url"])
-def test_discovery_keys_are_not_supported_yet(key: str) -> None:
-    """issuer and mcp_url are refused with a pointer to token_url, even next to a token_url."""
+def test_discovery_sources_cannot_be_combined_with_token_url(key: str) -> None:
+    """token_url, issuer and mcp_url are alternatives: a second one is refused, naming both."""
     assert error_of(with_connector(**{key: "https://auth.example.com"})) == (
-        f"config.toml: connectors.gh.{key}: "
-        "discovery (issuer/mcp_url) is not supported in this version; set token_url"
+        f"config.toml: connectors.gh.{key}: cannot be combined with token_url: set exactly one"
     )
+
+
+def test_a_connector_needs_one_endpoint_source() -> None:
+    """Without token_url, issuer or mcp_url the error names all three."""
+    assert error_of(with_connector(token_url=None)) == (
+        "config.toml: connectors.gh.token_url: is required (or issuer, or mcp_url, to discover it)"
+    )
+
+
+def test_mcp_url_connector_needs_no_client_id_and_defaults_its_redirect() -> None:
+    """An mcp_url connector loads without token_url or client_id (login registers one), with
+    the loopback redirect on 127.0.0.1 and any free port."""
+    config = config_from_mapping(
+        with_connector(token_url=None, client_id=None, mcp_url="https://mcp.example.com/mcp"),
+        source="config.toml", env=ENV, uid=UID,
+    )  # fmt: skip
+    conn = config.connectors["gh"]
+    assert (conn.token_url, conn.client_id, conn.mcp_url) == (
+        None, None, "https://mcp.example.com/mcp",
+    )  # fmt: skip
+    assert (conn.source, conn.source_url) == ("mcp_url", "https://mcp.example.com/mcp")
+    assert (conn.redirect_host, conn.redirect_port, conn.resource_opt_out) == (
+        "127.0.0.1",
+        0,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"token_url": None, "issuer": "https://a.example.com/", "client_id": None},
+            "connectors.gh.issuer: must have no query and no trailing slash (RFC 8414 §2)",
+        ),
+        (
+            {"token_url": None, "issuer": "http://a.example.com"},
+            "connectors.gh.issuer: must be an https URL (http is allowed only for loopback hosts)",
+        ),
+        (
+            {"client_id": None},
+            "connectors.gh.client_id: is required with token_url (issuer/mcp_url can register one)",
+        ),
+        (
+            {
+                "token_url": None,
+                "mcp_url": "https://m.example/mcp",
+                "revocation_url": "https://a.example/r",
+            },
+            "connectors.gh.revocation_url: comes from discovery with issuer/mcp_url; set it only "
+            "with token_url",
+        ),
+        (
+            {
+                "token_url": None,
+                "mcp_url": "https://m.example/mcp",
+                "client_metadata_url": "https://c.example/m.json",
+            },
+            "connectors.gh.client_metadata_url: cannot be combined with client_id: set one of them",
+        ),
+        (
+            {"redirect_host": "0.0.0.0"},  # noqa: S104  # refused, never bound
+            'connectors.gh.redirect_host: must be "127.0.0.1" or "localhost" (RFC 8252 §7.3)',
+        ),
+        (
+            {"redirect_port": 70000},
+            "connectors.gh.redirect_port: must be a port number from 1 to 65535 (or 0 for any)",
+        ),
+    ],
+)
+def test_login_keys_are_validated(fields: dict[str, Any], message: str) -> None:
+    """Each login-related key has its own one-line error naming the key."""
+    assert error_of(with_connector(**fields)) == f"config.toml: {message}"
+
+
+def test_empty_resource_opts_out() -> None:
+    """resource = "" means: never send a resource indicator (for servers that reject it)."""
+    config = config_from_mapping(with_connector(resource=""), source="c", env=ENV, uid=UID)
+    conn = config.connectors["gh"]
+    assert (conn.resource, conn.resource_opt_out) == (None, True)
 
 
 # --- connectors -----------------------------------------------------------------------------------
@@ -481,7 +560,10 @@ def test_connector_names_must_match_the_pattern(name: str) -> None:
 def test_dotted_connector_names_are_quoted_in_messages() -> None:
     """A connector name with a dot appears as a quoted TOML key in messages."""
     data = {"connectors": {"my.conn": {"token_url": "https://a.example/t"}}}
-    assert error_of(data) == 'config.toml: connectors."my.conn".client_id: is required'
+    assert error_of(data) == (
+        'config.toml: connectors."my.conn".client_id: is required with token_url '
+        "(issuer/mcp_url can register one)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -549,8 +631,11 @@ def test_token_url_is_validated(url: object, reason: str) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"token_url": None}, "token_url: is required"),
-        ({"client_id": None}, "client_id: is required"),
+        ({"token_url": None}, "token_url: is required (or issuer, or mcp_url, to discover it)"),
+        (
+            {"client_id": None},
+            "client_id: is required with token_url (issuer/mcp_url can register one)",
+        ),
         ({"client_id": " "}, "client_id: must not be empty"),
         ({"client_id": 123}, "client_id: expected a string"),
         (

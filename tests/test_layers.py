@@ -21,8 +21,9 @@ LAYERS: dict[str, set[str]] = {
     "config": {"errors", "model", "paths"},
     "policy": {"config", "model"},
     "oauth": {"clock", "config", "errors", "model"},
-    "store": {"config", "errors", "model"},
-    "keyring_file": set(),
+    "store": {"config", "encrypted_file", "errors", "model"},
+    "encrypted_file": set(),
+    "keyring_file": {"encrypted_file"},
     "notify": set(),
     "alerts": {"clock", "config", "errors", "model"},
     "metrics": {"model"},
@@ -34,8 +35,11 @@ LAYERS: dict[str, set[str]] = {
     "health": {"clock", "model", "refresher", "scheduler"},
     "reload": {"alerts", "config", "errors", "metrics", "notify", "refresher", "scheduler"},
     "authserver": set(),
+    "clients": {"config", "errors", "store"},
+    "login": {"clients", "clock", "config", "errors", "model", "oauth", "store"},
     "daemon": {
         "alerts",
+        "clients",
         "clock",
         "config",
         "errors",
@@ -50,7 +54,17 @@ LAYERS: dict[str, set[str]] = {
         "server",
         "store",
     },
-    "offline": {"client", "clock", "config", "errors", "model", "oauth", "refresher", "store"},
+    "offline": {
+        "client",
+        "clients",
+        "clock",
+        "config",
+        "errors",
+        "model",
+        "oauth",
+        "refresher",
+        "store",
+    },
     "demo": {"authserver", "client", "config", "daemon", "errors", "store"},
     "admin": {
         "alerts",
@@ -59,6 +73,7 @@ LAYERS: dict[str, set[str]] = {
         "daemon",
         "demo",
         "errors",
+        "login",
         "logs",
         "offline",
         "paths",
@@ -113,6 +128,7 @@ def test_client_commands_import_nothing_heavy() -> None:
         "from tokend import cli\n"
         "cli.main(['--socket', '/nonexistent/tokend.sock', 'token', 'x'])\n"
         "heavy = [m for m in ('httpx', 'apscheduler', 'keyring', 'cryptography', 'h11',"
+        " 'httptools',"
         " 'tokend.daemon', 'tokend.config') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

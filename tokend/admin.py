@@ -1,8 +1,8 @@
-"""The `tokend` admin commands: import, secret, refresh, check, alert, run and demo.
+"""The `tokend` admin commands: login, logout, import, secret, refresh, check, alert, run, demo.
 
 `tokend.cli` parses the command line and imports this module only when one of these commands runs,
-so the client commands stay light. `import`, `secret` and `refresh` go through the daemon when it
-runs, else act on the store directly while holding the state directory's lock.
+so the client commands stay light. `login`, `logout`, `import`, `secret` and `refresh` go through
+the daemon when it runs, else act on the store directly while holding the state directory's lock.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
@@ -163,6 +164,81 @@ def _say_refreshed(status: dict[str, Any]) -> None:
         f"expires in {status.get('expires_in')}s",
         file=sys.stderr,
     )
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    from tokend.login.command import grant_body, run_login
+    from tokend.paths import parse_seconds
+
+    config = _load_config(args)
+    name = args.name
+    try:
+        timeout = timedelta(seconds=parse_seconds(args.timeout))
+    except ValueError as exc:
+        raise ApiError("bad_request", f"--timeout: {exc}", connector=name) from None
+    result = run_login(
+        config, name, flow=args.flow, timeout=timeout, open_browser=not args.no_browser
+    )
+    body = grant_body(result)
+    secret = result.client_secret
+
+    def via_socket(path: str) -> dict[str, Any]:
+        if secret is not None:
+            request_json(
+                path,
+                "PUT",
+                f"/v1/connectors/{_quote(name)}/secret",
+                {"client_secret": secret.reveal()},  # reveal: to the daemon, over its socket
+                connector=name,
+            )
+        status: dict[str, Any] = request_json(
+            path, "PUT", f"/v1/connectors/{_quote(name)}/grant", body, connector=name
+        )
+        return status
+
+    def direct(config: Config) -> dict[str, Any]:
+        from tokend import offline
+
+        fields = {key: value for key, value in body.items() if key != "client_record"}
+        return offline.install_login(config, name, fields, result.record, secret)
+
+    status = _daemon_or_direct(args, via_socket, direct)
+    record = result.record
+    print(
+        f"tokend: {name}: logged in ({result.flow} flow, {record.client_kind} client "
+        f"{record.client_id}); state {status['state']}, expires in {status.get('expires_in')}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    name = args.name
+    revoke = not args.no_revoke
+
+    def direct(config: Config) -> dict[str, object]:
+        from tokend import offline
+
+        return offline.logout(config, name, revoke=revoke)
+
+    query = "true" if revoke else "false"
+    status = _daemon_or_direct(
+        args,
+        lambda path: request_json(
+            path, "DELETE", f"/v1/connectors/{_quote(name)}/grant?revoke={query}", connector=name
+        ),
+        direct,
+    )
+    revoked = status.get("revoked") or []
+    if revoked:
+        how = " and ".join(str(kind).replace("_", " ") for kind in revoked) + " revoked"
+    elif revoke:
+        how = "the server offers no revocation endpoint; deleted here only"
+    else:
+        how = "not revoked"
+    print(f"tokend: {name}: logged out ({how}); state {status['state']}", file=sys.stderr)
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:

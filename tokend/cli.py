@@ -294,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = admin(name, text)
         p.add_argument("name", metavar="NAME")
+    p = admin("login", "first authorization: device flow, loopback redirect or paste-back")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--flow", choices=("device", "loopback", "paste"), help="force a flow")
+    p.add_argument("--no-browser", action="store_true", help="never open a browser")
+    p.add_argument(
+        "--timeout", metavar="D", default="5m", help="how long to wait for the user (5m)"
+    )
+    p = admin("logout", "revoke the grant where the server offers it, then delete it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--no-revoke", action="store_true", help="delete without revoking")
     p = admin("check", "validate config, keyring, socket directory and token endpoints")
     p.add_argument("--alerts", action="store_true", help="also send a test alert to every sink")
     p = admin("alert", "send a daemon_failed alert (for an OnFailure= unit)")

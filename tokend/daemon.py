@@ -17,20 +17,22 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from tokend import __version__, health, reload
 from tokend.alerts.manager import AlertManager
+from tokend.clients import ClientRecord, ClientRecords, resolve, resolve_config
 from tokend.clock import Clock, SystemClock
 from tokend.config import Config, ConnectorConfig
-from tokend.errors import ApiError, ConfigError, StoreError
+from tokend.errors import ApiError, ConfigError, StoreError, unknown_connector
 from tokend.metrics import Metrics
 from tokend.model import ConnectorState, Secret, State, TokenSet
 from tokend.notify import Notifier, Watchdog, watchdog_interval_s
 from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher.connector import Connector
-from tokend.refresher.serving import action_for
+from tokend.refresher.serving import action_of
 from tokend.scheduler import RefreshScheduler
 from tokend.server.api import Peer
 from tokend.server.http import ApiServer, inherited_socket
@@ -60,7 +62,8 @@ class Daemon:
         backoff_scale: float = 1.0,
         request_timeout_s: float = 10.0,
     ) -> None:
-        self.config = config
+        self.config = config  # as in effect: connectors resolved against their client records
+        self.file_config = config  # as read from the file
         self.clock = clock or SystemClock()
         self._store = store
         self._http = http
@@ -73,6 +76,8 @@ class Daemon:
         self.ready_event = asyncio.Event()
         self._lock = StateDirLock(config.daemon.state_dir)
         self._state_file = StateFile(config.daemon.state_dir / "state.json")
+        self._clients = ClientRecords(config.daemon.state_dir)
+        self.client_records: dict[str, ClientRecord] = {}
         self._state_dirty = asyncio.Event()
         self._started_at = time.monotonic()
         self._uid = os.getuid()
@@ -121,6 +126,11 @@ class Daemon:
             self.store_backend = type(store).__name__
         logger.info("keyring backend %s", self.store_backend)
         saved = await asyncio.to_thread(self._state_file.load)
+        try:
+            self.client_records = await asyncio.to_thread(self._clients.load)
+        except StoreError as exc:
+            logger.error("client records unusable: %s", exc)
+        self.config = resolve_config(self.file_config, self.client_records)
         http = self._http or make_http_client()
         oauth = OAuthClient(http, self.clock)
         self.scheduler = RefreshScheduler(
@@ -237,6 +247,11 @@ class Daemon:
     async def _reload_quietly(self) -> None:
         await self.reload()
 
+    def resolve(self, config: Config) -> Config:
+        """A newly read config, resolved against the stored client records."""
+        self.file_config = config
+        return resolve_config(config, self.client_records)
+
     async def reload(self) -> bool:
         """Re-read the config file and apply it (`tokend.reload`): add, remove and change
         connectors, keeping every stored token. An invalid file changes nothing: the error is
@@ -274,7 +289,7 @@ class Daemon:
                 connector.name,
                 connector.state.value,
                 reason=record.last_error,
-                action=action_for(connector.name, connector.state, record.last_error),
+                action=action_of(connector),
                 since=record.since,
                 attempts=record.consecutive_failures or None,
             )
@@ -304,12 +319,7 @@ class Daemon:
     def _connector(self, name: str) -> Connector:
         connector = self.connectors.get(name)
         if connector is None:
-            raise ApiError(
-                "unknown_connector",
-                f"no connector named {name!r} is configured",
-                connector=name,
-                action="check the name with: tokend status",
-            )
+            raise unknown_connector(name, self.config.path or "the configuration")
         return connector
 
     def has_connector(self, name: str) -> bool:
@@ -347,13 +357,46 @@ class Daemon:
 
     async def install_grant(self, name: str, body: Mapping[str, object]) -> dict[str, object]:
         connector = self._connector(name)
-        await connector.install(body)
+        fields = dict(body)
+        record_data = fields.pop("client_record", None)
+        config = None
+        if record_data is not None:
+            config = await self._adopt_client_record(name, record_data)
+        await connector.install(fields, config=config)
+        if config is not None:
+            self.config = replace(self.config, connectors={**self.config.connectors, name: config})
         return connector.status()
 
-    async def forget_grant(self, name: str) -> dict[str, object]:
+    async def _adopt_client_record(self, name: str, data: object) -> ConnectorConfig:
+        """Store what `tokend login` learnt (before the grant it goes with) and return the
+        connector's settings in effect with it; ApiError(bad_request) if it does not fit."""
+        try:
+            if not isinstance(data, Mapping):
+                raise TypeError("client_record must be an object")
+            record = ClientRecord.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ApiError("bad_request", f"client_record: {exc}", connector=name) from None
+        configured = self.file_config.connectors[name]
+        config = resolve(configured, record)
+        if config.needs_login is not None or config.token_url is None:
+            raise ApiError(
+                "bad_request",
+                f"the login does not match the daemon's configuration: {config.needs_login}",
+                connector=name,
+                action=f"reload the daemon (systemctl reload tokend), then: tokend login {name}",
+            )
+        try:
+            await asyncio.to_thread(self._clients.put, name, record)
+        except StoreError as exc:
+            raise ApiError("temporarily_unavailable", str(exc), connector=name) from None
+        self.client_records[name] = record
+        logger.info("%s: client %s recorded (%s)", name, record.client_kind, record.token_endpoint)
+        return config
+
+    async def forget_grant(self, name: str, *, revoke: bool) -> dict[str, object]:
         connector = self._connector(name)
-        await connector.forget()
-        return connector.status()
+        revoked = await connector.forget(revoke=revoke)
+        return {**connector.status(), "revoked": revoked}
 
     async def store_secret(self, name: str, secret: Secret) -> None:
         connector = self._connector(name)

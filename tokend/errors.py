@@ -111,6 +111,36 @@ class TransientError(TokendError):
         super().__init__(f"{connector}: {reason}")
 
 
+class DiscoveryError(TokendError):
+    """Discovery or client registration failed; the message names the connector and the URL.
+
+    `transient` marks network failures and 5xx/429 answers (exit 75): trying later may work.
+    Anything else (missing or unusable metadata, a refused registration) is a configuration
+    problem of the connector or the server (exit 78).
+    """
+
+    def __init__(self, connector: str, reason: str, *, transient: bool = False) -> None:
+        self.connector = connector
+        self.reason = reason
+        self.transient = transient
+        super().__init__(f"{connector}: {reason}")
+
+    @property
+    def exit_code(self) -> ExitCode:  # type: ignore[override]  # per instance
+        return ExitCode.TEMPORARY if self.transient else ExitCode.CONFIG
+
+
+class LoginError(TokendError):
+    """The user's authorization did not complete: denied, expired, wrong `state`, bad paste."""
+
+    exit_code = ExitCode.NEEDS_REAUTH
+
+    def __init__(self, connector: str, reason: str) -> None:
+        self.connector = connector
+        self.reason = reason
+        super().__init__(f"{connector}: {reason}")
+
+
 class DaemonUnavailableError(TokendError):
     """The CLI cannot reach the daemon's socket."""
 
@@ -161,3 +191,14 @@ class ApiError(TokendError):
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
         return body
+
+
+def unknown_connector(name: str, where: object) -> ApiError:
+    """The error for a connector name that `where` (a config file, or None) does not define."""
+    place = f" in {where}" if where is not None else ""
+    return ApiError(
+        "unknown_connector",
+        f"no connector named {name!r}{place}",
+        connector=name,
+        action="check the name with: tokend status",
+    )

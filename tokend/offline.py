@@ -10,28 +10,31 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tokend.clients import ClientRecord, ClientRecords, resolve
 from tokend.clock import SystemClock
-from tokend.config import Config
-from tokend.errors import ApiError, ExitCode, TokendError
+from tokend.config import Config, ConnectorConfig
+from tokend.errors import DiscoveryError, ExitCode, TokendError, unknown_connector
 from tokend.model import Secret
 from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher.connector import Connector
 from tokend.store import KeyringStore, StateFile
 
+if TYPE_CHECKING:
+    import httpx
+
 
 async def _once(
     config: Config, name: str, operation: Callable[[Connector], Awaitable[object]]
 ) -> dict[str, object]:
-    conn_config = config.connectors.get(name)
-    if conn_config is None:
-        raise ApiError(
-            "unknown_connector",
-            f"no connector named {name!r} in {config.path}",
-            connector=name,
-            action="check the name with: tokend status",
-        )
+    configured = config.connectors.get(name)
+    if configured is None:
+        raise unknown_connector(name, config.path)
+    records = await asyncio.to_thread(ClientRecords(config.daemon.state_dir).load)
+    conn_config = resolve(configured, records.get(name))
     store = KeyringStore.from_settings(config.daemon)
     state_file = StateFile(config.daemon.state_dir / "state.json")
     saved = await asyncio.to_thread(state_file.load)
@@ -60,6 +63,33 @@ def install_grant(config: Config, name: str, fields: Mapping[str, object]) -> di
     return asyncio.run(_once(config, name, lambda c: c.install(fields)))
 
 
+def install_login(
+    config: Config,
+    name: str,
+    fields: Mapping[str, object],
+    record: ClientRecord,
+    client_secret: Secret | None,
+) -> dict[str, object]:
+    """Store what `tokend login` obtained: a registered client's secret, the client record,
+    then the grant (the order the daemon uses too); returns the connector's status."""
+    store = KeyringStore.from_settings(config.daemon)
+    if client_secret is not None:
+        store.save_client_secret(name, client_secret)
+    ClientRecords(config.daemon.state_dir).put(name, record)
+    return asyncio.run(_once(config, name, lambda c: c.install(fields)))
+
+
+def logout(config: Config, name: str, *, revoke: bool) -> dict[str, object]:
+    """Revoke (when asked and offered) and delete the stored grant."""
+    revoked: list[str] = []
+
+    async def operation(connector: Connector) -> None:
+        revoked.extend(await connector.forget(revoke=revoke))
+
+    status = asyncio.run(_once(config, name, operation))
+    return {**status, "revoked": revoked}
+
+
 def refresh(config: Config, name: str) -> dict[str, object]:
     """Refresh once and persist; raises ApiError when the grant is dead or the refresh failed."""
 
@@ -72,7 +102,7 @@ def refresh(config: Config, name: str) -> dict[str, object]:
 def store_secret(config: Config, name: str, secret: str) -> None:
     """Store the client secret in the keyring directly."""
     if name not in config.connectors:
-        raise ApiError("unknown_connector", f"no connector named {name!r}", connector=name)
+        raise unknown_connector(name, config.path)
     KeyringStore.from_settings(config.daemon).save_client_secret(name, Secret(secret))
 
 
@@ -123,16 +153,16 @@ def check(config: Config, *, socket_path: str) -> int:
         failures.append(ExitCode.CONFIG)
 
     results = asyncio.run(_probe_endpoints(config))
-    for name, (ok, detail) in results.items():
+    for name, (ok, detail, code) in results.items():
         if store is not None and ok:
             try:
                 grant = store.load(name)
                 detail += "; grant stored" if grant is not None else "; no grant stored"
             except TokendError as exc:
-                ok, detail = False, f"{detail}; {exc}"
+                ok, detail, code = False, f"{detail}; {exc}", exc.exit_code
         _line(ok, name, detail)
         if not ok:
-            failures.append(ExitCode.TEMPORARY)
+            failures.append(code)
     return int(failures[0]) if failures else 0
 
 
@@ -145,19 +175,58 @@ def _dir_usable(directory: Path) -> bool:
     return os.access(probe, os.W_OK | os.X_OK)
 
 
-async def _probe_endpoints(config: Config) -> dict[str, tuple[bool, str]]:
-    results: dict[str, tuple[bool, str]] = {}
+async def _probe_endpoints(config: Config) -> dict[str, tuple[bool, str, ExitCode]]:
+    """Per connector: reachable?, what was found, and the exit code a failure stands for."""
+    results: dict[str, tuple[bool, str, ExitCode]] = {}
+    try:
+        records = ClientRecords(config.daemon.state_dir).load()
+    except (TokendError, OSError):
+        records = {}  # not readable by this user: discovery is still checked
     async with make_http_client(timeout_s=10.0) as http:
         oauth = OAuthClient(http, SystemClock(), total_timeout_s=10.0)
 
         async def one(name: str) -> None:
             conn = config.connectors[name]
             try:
+                found = ""
+                if conn.issuer is not None or conn.mcp_url is not None:
+                    conn, found = await _discovered(conn, http, records.get(name))
                 status = await oauth.probe(conn)
-                results[name] = (True, f"token endpoint {conn.token_url} reachable (HTTP {status})")
+                detail = f"{found}token endpoint {conn.token_url} reachable (HTTP {status})"
+                results[name] = (True, detail, ExitCode.OK)
             except TokendError as exc:
-                results[name] = (False, str(exc))
+                results[name] = (False, str(exc), exc.exit_code)
 
         await asyncio.gather(*(one(name) for name in config.connectors))
         await oauth.aclose()
     return dict(sorted(results.items()))
+
+
+async def _discovered(
+    conn: ConnectorConfig, http: httpx.AsyncClient, record: ClientRecord | None
+) -> tuple[ConnectorConfig, str]:
+    """Discover `conn`'s server as `tokend login` would (nothing is registered or consumed) and
+    compare with what the last login recorded. Raises DiscoveryError when it cannot be used."""
+    from tokend.oauth.discovery import discover
+
+    found = await discover(connector=conn.name, http=http, issuer=conn.issuer, mcp_url=conn.mcp_url)
+    meta = found.metadata
+    if "S256" not in meta.code_challenge_methods_supported:
+        raise DiscoveryError(conn.name, f"issuer {meta.issuer} does not offer PKCE S256")
+    if record is not None and record.issuer is not None and record.issuer != meta.issuer:
+        raise DiscoveryError(
+            conn.name,
+            f"the authorization server is now {meta.issuer}, not {record.issuer} as at the last "
+            f"login; stored credentials are not used; run: tokend login {conn.name}",
+        )
+    offers = [
+        what
+        for what, url in (
+            ("device flow", meta.device_authorization_endpoint),
+            ("registration", meta.registration_endpoint),
+            ("revocation", meta.revocation_endpoint),
+        )
+        if url is not None
+    ]
+    detail = f"issuer {meta.issuer} (S256{''.join(', ' + o for o in offers)}); "
+    return replace(conn, token_url=meta.token_endpoint), detail

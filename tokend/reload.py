@@ -43,6 +43,7 @@ class Reloadable(Protocol):
     notifier: Notifier
 
     def summary(self) -> str: ...
+    def resolve(self, config: Config) -> Config: ...
     def make_connector(self, config: ConnectorConfig) -> Connector: ...
     def mark_state_dirty(self) -> None: ...
 
@@ -63,7 +64,7 @@ async def reload(daemon: Reloadable) -> bool:
     except ConfigError as exc:
         return _keep_running(daemon, exc)
     daemon.config_error = None
-    await apply(daemon, new)
+    await apply(daemon, daemon.resolve(new))
     logger.info("reloaded %s: %d connectors", path, len(daemon.connectors))
     daemon.notifier.ready(daemon.summary())
     return True

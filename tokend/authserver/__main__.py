@@ -18,10 +18,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lifetime", type=float, default=30.0, help="access token lifetime (s)")
     parser.add_argument("--no-rotate", action="store_true", help="keep refresh tokens")
+    parser.add_argument(
+        "--device-auto",
+        choices=["approve", "deny"],
+        help="decide device requests after one pending poll (there is no verification UI)",
+    )
+    parser.add_argument("--cimd", action="store_true", help="accept URL client ids (CIMD)")
     args = parser.parse_args(argv)
     server = AuthServer(
         host=args.host, port=args.port, lifetime_s=args.lifetime, rotate=not args.no_rotate
     )
+    server.device_auto = args.device_auto
+    server.cimd = args.cimd
     with server:
         sys.stdout.write(server.url + "\n")
         sys.stdout.flush()

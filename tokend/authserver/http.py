@@ -26,7 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from tokend.authserver.provider import PASS_THROUGH_FAULTS, Provider, Reply, error_reply
+from tokend.authserver.provider import PASS_THROUGH_FAULTS, Reply, error_reply
+from tokend.authserver.site import Site
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._answer(self.auth._handle_post(self))
 
+    def do_other(self) -> None:
+        """PUT, PATCH, DELETE, OPTIONS: only the protected resource /mcp answers them."""
+        self._answer(self.auth._handle_other(self))
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_other
+
     def _answer(self, reply: Reply | None) -> None:
         if reply is None:  # a fault that answers nothing has already dealt with the connection
             self.close_connection = True
@@ -139,8 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
 
-class AuthServer(Provider):
-    """The loopback authorization server; `start()` it, or use it as a context manager."""
+class AuthServer(Site):
+    """The loopback authorization server; `start()` it, or use it as a context manager.
+
+    Its settable attributes and test hooks come from the layers below: `Provider` (refresh,
+    faults), `Clients` (registration, CIMD, issuer), `Authorizer` (authorization code + PKCE),
+    `DeviceFlow` (RFC 8628) and `Site` (discovery, /mcp, revocation).
+    """
 
     def __init__(
         self,
@@ -272,15 +284,27 @@ class AuthServer(Provider):
 
     def _handle_get(self, handler: _Handler) -> Reply:
         at = datetime.now(UTC)
-        path = urlsplit(handler.path).path
-        client = None
-        if path == "/.well-known/oauth-authorization-server":
-            reply = Reply(200, self._metadata(self.url, self.token_url))
-        elif path == "/api/whoami":
-            reply, client = self._whoami(handler.headers.get("Authorization", ""))
-        else:
-            reply = Reply(404, {"error": "not_found"})
-        self._record(handler, {}, client, reply.outcome, at)
+        target = urlsplit(handler.path)
+        headers = {name.lower(): value for name, value in handler.headers.items()}
+        reply, client, form = self._route("GET", target.path, target.query, b"", headers)
+        self._record(handler, form, client, reply.outcome, at)
+        return reply
+
+    def _handle_other(self, handler: _Handler) -> Reply:
+        at = datetime.now(UTC)
+        length = handler.headers.get("Content-Length", "0")
+        chunked = "Transfer-Encoding" in handler.headers
+        if chunked or not length.isdigit() or int(length) > _MAX_BODY:
+            handler.close_connection = True  # the body cannot be skipped safely
+            self._record(handler, {}, None, "invalid_request", at)
+            return error_reply(
+                400, "invalid_request", "a Content-Length of at most 64 KiB is needed"
+            )
+        body = handler.rfile.read(int(length))
+        target = urlsplit(handler.path)
+        headers = {name.lower(): value for name, value in handler.headers.items()}
+        reply, client, form = self._route(handler.command, target.path, target.query, body, headers)
+        self._record(handler, form, client, reply.outcome, at)
         return reply
 
     def _handle_post(self, handler: _Handler) -> Reply | None:
@@ -296,12 +320,15 @@ class AuthServer(Provider):
             )
             self._record(handler, {}, None, "invalid_request", at)
             return reply
-        raw = handler.rfile.read(int(length)).decode("utf-8", "replace")
-        pairs = parse_qsl(raw, keep_blank_values=True)
-        form = dict(pairs)
+        body = handler.rfile.read(int(length))
         if not is_token:
-            self._record(handler, form, None, "not_found", at)
-            return Reply(404, {"error": "not_found"})
+            target = urlsplit(handler.path)
+            headers = {name.lower(): value for name, value in handler.headers.items()}
+            reply, client, form = self._route("POST", target.path, target.query, body, headers)
+            self._record(handler, form, client, reply.outcome, at)
+            return reply
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        form = dict(pairs)
         kind, params = self._next_fault()
         client = form.get("client_id")
         if kind and kind not in PASS_THROUGH_FAULTS:

@@ -31,23 +31,24 @@ FAULT_KINDS = frozenset(
 PASS_THROUGH_FAULTS = frozenset({"slow", "omit_expires_in", "omit_refresh_token", "omit_scope"})
 _ERROR_STATUS = {"invalid_grant": 400, "invalid_client": 401, "unauthorized_client": 400,
                  "unsupported_grant_type": 400}  # fmt: skip
-_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
+AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
 _SUB = "demo-user"
 
 
 @dataclass(slots=True)
-class _Family:
+class Family:
     """One grant: its current refresh token (retired ones still map here) and whether it died."""
 
     client_id: str
     scope: str | None
     current: str
     revoked: bool = False
+    resource: str | None = None  # RFC 8707: the audience its access tokens are for
 
 
 @dataclass(frozen=True, slots=True)
-class _Access:
-    family: _Family
+class Access:
+    family: Family
     scope: str | None
     expires_mono: float
 
@@ -60,10 +61,13 @@ class Reply:
     body: dict[str, Any] | bytes
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    note: str = ""  # what to record as the outcome instead of the default
 
     @property
     def outcome(self) -> str:
-        if self.status == 200:
+        if self.note:
+            return self.note
+        if 200 <= self.status < 300:
             return "ok"
         return str(self.body.get("error")) if isinstance(self.body, dict) else str(self.status)
 
@@ -92,9 +96,11 @@ class Provider:
         self.lifetime_s = lifetime_s
         self.rotate = rotate
         self.reuse_detection = reuse_detection
-        self._clients = dict(clients) if clients is not None else {"tokend-demo": None}
-        self._refresh: dict[str, _Family] = {}
-        self._access: dict[str, _Access] = {}
+        self._clients: dict[str, str | None] = (
+            dict(clients) if clients is not None else {"tokend-demo": None}
+        )
+        self._refresh: dict[str, Family] = {}
+        self._access: dict[str, Access] = {}
         self._issued = 0
         self._scopes = {"demo", "offline_access"}
         self._faults: deque[tuple[str, dict[str, Any]]] = deque()
@@ -104,17 +110,18 @@ class Provider:
     # -- scripting ---------------------------------------------------------------------------
 
     def issue_grant(
-        self, client_id: str = "tokend-demo", scope: str | None = "demo offline_access"
+        self,
+        client_id: str = "tokend-demo",
+        scope: str | None = "demo offline_access",
+        resource: str | None = None,
     ) -> dict[str, object]:
         """Start a new grant family; returns its RFC 6749 §5.1 token response."""
         if client_id not in self._clients:
             raise ValueError(f"unknown client: {client_id}")
         with self._lock:
-            family = _Family(client_id, scope, _token("rt_"))
-            self._refresh[family.current] = family
             if scope:
                 self._scopes.update(scope.split())
-            return self._token_response(family, scope)
+            return self._new_family(client_id, scope, resource)
 
     def fail_next(self, kind: str, count: int = 1, **params: Any) -> None:
         """Answer the next `count` POST /token calls with the scripted fault `kind`."""
@@ -138,23 +145,36 @@ class Provider:
                 raise KeyError("unknown refresh token")
             family.revoked = True
 
+    @property
+    def url(self) -> str:
+        """The server's base URL; the HTTP layer knows it."""
+        raise NotImplementedError
+
     # -- answering (called from handler threads) ---------------------------------------------
+
+    def _new_family(
+        self, client_id: str, scope: str | None, resource: str | None
+    ) -> dict[str, object]:
+        """Start a grant family (lock held); its first token response."""
+        family = Family(client_id, scope, new_token("rt_"), resource=resource)
+        self._refresh[family.current] = family
+        return self._token_response(family, scope)
 
     def _next_fault(self) -> tuple[str, dict[str, Any]]:
         """The scripted fault for this POST /token, or ("", {}) when none is queued."""
         with self._lock:
             return self._faults.popleft() if self._faults else ("", {})
 
-    def _lookup_access(self, token: str) -> _Access | None:
+    def _lookup_access(self, token: str) -> Access | None:
         access = self._access.get(token)
         if access is None or access.family.revoked or time.monotonic() >= access.expires_mono:
             return None
         return access
 
-    def _token_response(self, family: _Family, scope: str | None) -> dict[str, object]:
+    def _token_response(self, family: Family, scope: str | None) -> dict[str, object]:
         """Issue an access token in `family` (lock held) and build the response around it."""
-        token = _token("at_")
-        self._access[token] = _Access(family, scope, time.monotonic() + self.lifetime_s)
+        token = new_token("at_")
+        self._access[token] = Access(family, scope, time.monotonic() + self.lifetime_s)
         self._issued += 1
         if self._issued % 1024 == 0:  # drop dead access tokens now and then
             now = time.monotonic()
@@ -180,19 +200,6 @@ class Provider:
         client = access.family.client_id
         return Reply(200, {"sub": _SUB, "client_id": client, "scope": access.scope}), client
 
-    def _metadata(self, issuer: str, token_endpoint: str) -> dict[str, object]:
-        """RFC 8414 authorization server metadata."""
-        with self._lock:
-            scopes = sorted(self._scopes)
-        return {
-            "issuer": issuer,
-            "token_endpoint": token_endpoint,
-            "grant_types_supported": ["refresh_token"],
-            "token_endpoint_auth_methods_supported": _AUTH_METHODS,
-            "scopes_supported": scopes,
-            "response_types_supported": [],  # no authorization endpoint here
-        }
-
     def _token_request(
         self,
         form: dict[str, str],
@@ -209,7 +216,11 @@ class Provider:
         if repeated:  # RFC 6749 §3.2: no parameter more than once
             return error_reply(400, "invalid_request", "a parameter was repeated"), client
         refused, client = self._authenticate(authorization, form)
-        return refused or self._refresh_grant(form, client or "", kind), client
+        return refused or self._grant(form, client or "", kind), client
+
+    def _grant(self, form: dict[str, str], client: str, kind: str) -> Reply:
+        """Answer an authenticated token request by its grant type (later layers add more)."""
+        return self._refresh_grant(form, client, kind)
 
     def _authenticate(
         self, authorization: str | None, form: dict[str, str]
@@ -261,6 +272,9 @@ class Provider:
                     self.reuse_detected += 1
                     return error_reply(400, "invalid_grant", "refresh token reused; grant revoked")
                 return error_reply(400, "invalid_grant", "refresh token was rotated away")
+            resource = form.get("resource")
+            if resource and family.resource and resource != family.resource:
+                return error_reply(400, "invalid_target", "resource differs from the grant's")
             scope = form.get("scope") or family.scope
             if (
                 scope is not None
@@ -269,17 +283,11 @@ class Provider:
             ):
                 return error_reply(400, "invalid_scope", "scope exceeds the grant")
             if self.rotate and kind != "omit_refresh_token":
-                family.current = _token("rt_")
+                family.current = new_token("rt_")
                 self._refresh[family.current] = family
             body = self._token_response(family, scope)
             self.refreshes_ok += 1
-        if kind == "omit_refresh_token":  # RFC 6749 §6: the client keeps using the old one
-            del body["refresh_token"]
-        elif kind == "omit_scope":
-            body.pop("scope", None)
-        elif kind == "omit_expires_in":
-            del body["expires_in"]
-        return Reply(200, body)
+        return Reply(200, omit_for_fault(body, kind))
 
     def _fault_reply(self, kind: str, params: dict[str, Any]) -> Reply:
         """The scripted answer for a fault that leaves the grant untouched (not hang or reset)."""
@@ -303,12 +311,23 @@ class Provider:
         if kind == "html":
             return Reply(200, b"<html><body>Please sign in</body></html>", "text/html")
         # Tokens below are never registered: a client that accepts them will learn on next use.
-        fake = {"token_type": "Bearer", "refresh_token": _token("rt_"), "expires_in": 30}
+        fake = {"token_type": "Bearer", "refresh_token": new_token("rt_"), "expires_in": 30}
         if kind == "missing_access_token":
             return Reply(200, fake)
         # "bad_expires_in", the only kind left (hang and reset are the connection's business)
-        fake.update(access_token=_token("at_"), expires_in=params.get("value", "abc"))
+        fake.update(access_token=new_token("at_"), expires_in=params.get("value", "abc"))
         return Reply(200, fake)
+
+
+def omit_for_fault(body: dict[str, object], kind: str) -> dict[str, object]:
+    """Drop the field a pass-through `omit_*` fault names from a real token response."""
+    if kind == "omit_refresh_token":  # RFC 6749 §6: the client keeps using the old one
+        body.pop("refresh_token", None)
+    elif kind == "omit_scope":
+        body.pop("scope", None)
+    elif kind == "omit_expires_in":
+        body.pop("expires_in", None)
+    return body
 
 
 def _invalid_client(basic_tried: bool, description: str) -> Reply:
@@ -319,5 +338,6 @@ def _invalid_client(basic_tried: bool, description: str) -> Reply:
     return reply
 
 
-def _token(prefix: str) -> str:
+def new_token(prefix: str) -> str:
+    """A fresh unguessable token with a readable prefix (at_, rt_, ac_, dc_, ...)."""
     return prefix + secrets.token_urlsafe(24)

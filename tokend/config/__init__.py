@@ -18,6 +18,7 @@ from tokend.config.types import (
     Config,
     ConnectorConfig,
     DaemonSettings,
+    RedirectHost,
     RefreshSettings,
 )
 from tokend.config.values import module_available, parse_duration, resolve_allow
@@ -32,6 +33,7 @@ __all__ = [
     "Config",
     "ConnectorConfig",
     "DaemonSettings",
+    "RedirectHost",
     "RefreshSettings",
     "config_from_mapping",
     "default_config_path",

@@ -17,6 +17,7 @@ from tokend.config.types import (
     Config,
     ConnectorConfig,
     DaemonSettings,
+    RedirectHost,
     RefreshSettings,
 )
 from tokend.config.values import Table, module_available, quoted, resolve_allow
@@ -33,7 +34,14 @@ _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, less the terminat
 _CLIENT_AUTHS: tuple[ClientAuth, ...] = ("client_secret_basic", "client_secret_post", "none")
 _REFRESH_KEYS = ("skew", "min_interval", "max_interval", "default_lifetime")
 _POSITIVE_REFRESH_KEYS = ("max_interval", "default_lifetime")
-_CONNECTOR_KEYS = ("token_url", "client_id", "client_auth", "scope", "resource", "allow", "ca_file")
+_CONNECTOR_KEYS = (
+    "token_url", "issuer", "mcp_url", "authorization_url", "device_authorization_url",
+    "revocation_url", "client_id", "client_auth", "client_metadata_url", "scope", "resource",
+    "redirect_host", "redirect_port", "allow", "ca_file",
+)  # fmt: skip
+_SOURCE_KEYS = ("token_url", "issuer", "mcp_url")
+_EXPLICIT_ENDPOINTS = ("authorization_url", "device_authorization_url", "revocation_url")
+_REDIRECT_HOSTS: tuple[RedirectHost, ...] = ("127.0.0.1", "localhost")
 
 
 def _refresh(table: Table, base: RefreshSettings) -> RefreshSettings:
@@ -148,25 +156,74 @@ def _scope(table: Table) -> str | None:
     return " ".join(tokens)
 
 
+def _source(table: Table) -> tuple[str | None, str | None, str | None]:
+    """`token_url`, `issuer` and `mcp_url`: exactly one of them says where the endpoints are."""
+    given = [key for key in _SOURCE_KEYS if key in table.data]
+    if not given:
+        table.fail("token_url", "is required (or issuer, or mcp_url, to discover it)")
+    if len(given) > 1:
+        table.fail(given[1], f"cannot be combined with {given[0]}: set exactly one")
+    token_url = table.endpoint_url("token_url")
+    issuer = table.endpoint_url("issuer")
+    if issuer is not None and ("?" in issuer or issuer.endswith("/")):
+        table.fail("issuer", "must have no query and no trailing slash (RFC 8414 §2)")
+    mcp_url = table.endpoint_url("mcp_url")
+    for key in _EXPLICIT_ENDPOINTS:
+        if key in table.data and token_url is None:
+            table.fail(key, "comes from discovery with issuer/mcp_url; set it only with token_url")
+    return token_url, issuer, mcp_url
+
+
+def _redirect(table: Table) -> tuple[RedirectHost, int]:
+    host: RedirectHost = "127.0.0.1"
+    value = table.string("redirect_host")
+    if value is not None:
+        for option in _REDIRECT_HOSTS:
+            if value == option:
+                host = option
+                break
+        else:
+            table.fail("redirect_host", 'must be "127.0.0.1" or "localhost" (RFC 8252 §7.3)')
+    port = table.data.get("redirect_port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        table.fail("redirect_port", "must be a port number from 1 to 65535 (or 0 for any)")
+    return host, port
+
+
 def _connector(name: str, table: Table, refresh: RefreshSettings) -> ConnectorConfig:
     table.check_keys((*_CONNECTOR_KEYS, *_REFRESH_KEYS), connector=name)
-    token_url = table.endpoint_url("token_url")
-    if token_url is None:
-        table.fail("token_url", "is required")
+    token_url, issuer, mcp_url = _source(table)
     client_id = table.nonempty("client_id")
-    if client_id is None:
-        table.fail("client_id", "is required")
+    if client_id is None and token_url is not None:
+        table.fail("client_id", "is required with token_url (issuer/mcp_url can register one)")
+    metadata_url = table.endpoint_url("client_metadata_url")
+    if metadata_url is not None and client_id is not None:
+        table.fail("client_metadata_url", "cannot be combined with client_id: set one of them")
+    if metadata_url is not None and token_url is not None:
+        table.fail("client_metadata_url", "needs issuer or mcp_url (the server must support it)")
+    resource_text = table.string("resource")
+    opt_out = resource_text == ""
     allow = table.strings("allow") or []
     ca_file = table.path("ca_file")
     if ca_file is not None and not os.path.isfile(ca_file):
         table.fail("ca_file", "must name an existing file")
+    redirect_host, redirect_port = _redirect(table)
     return ConnectorConfig(
         name=name,
         token_url=token_url,
         client_id=client_id,
         client_auth=_client_auth(table),
         scope=_scope(table),
-        resource=table.resource_url("resource"),
+        resource=None if opt_out else table.resource_url("resource"),
+        resource_opt_out=opt_out,
+        issuer=issuer,
+        mcp_url=mcp_url,
+        authorization_url=table.endpoint_url("authorization_url"),
+        device_authorization_url=table.endpoint_url("device_authorization_url"),
+        revocation_url=table.endpoint_url("revocation_url"),
+        client_metadata_url=metadata_url,
+        redirect_host=redirect_host,
+        redirect_port=redirect_port,
         allow=tuple(resolve_allow(text, where=table.where("allow")) for text in allow),
         ca_file=ca_file,
         refresh=_refresh(table, refresh),

@@ -101,7 +101,6 @@ def module_available(name: str) -> bool:
 # --- the table walker ----------------------------------------------------------------------------
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_DISCOVERY_KEYS = ("issuer", "mcp_url")
 # Keys that would hold a secret, and the command that stores that secret where it belongs.
 _SECRET_KEYS = dict.fromkeys(("client_secret", "secret", "password", "api_key"), "secret") | (
     dict.fromkeys(("access_token", "refresh_token", "id_token", "token"), "import")
@@ -141,11 +140,6 @@ class Table:
         for key in self.data:
             if key in allowed:
                 continue
-            if connector is not None and key in _DISCOVERY_KEYS:
-                self.fail(
-                    key,
-                    "discovery (issuer/mcp_url) is not supported in this version; set token_url",
-                )
             command = _SECRET_KEYS.get(key.lower().replace("-", "_"))
             if command is not None:
                 self.fail(

@@ -8,17 +8,18 @@ here puts a token, a client secret or a response body into a message.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
 from tokend.clock import Clock
 from tokend.config import ConnectorConfig
-from tokend.errors import InvalidGrantError, OAuthError, TransientError
+from tokend.errors import InvalidGrantError, OAuthError
 from tokend.model import Secret, TokenSet
+from tokend.oauth.grants import build_revocation, parse_revocation
 from tokend.oauth.protocol import (
     DESCRIPTION_LIMIT,
     USER_AGENT,
@@ -29,11 +30,23 @@ from tokend.oauth.protocol import (
     secrets_of,
     server_clock_offset,
 )
+from tokend.oauth.transport import (
+    CONNECT_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    TOTAL_TIMEOUT_S,
+    ClientCredentials,
+    send,
+)
 
-CONNECT_TIMEOUT_S = 10.0
-TOTAL_TIMEOUT_S = 30.0
-# A token response is a few KiB; a larger body is refused rather than held in memory.
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["MAX_BODY_BYTES", "OAuthClient", "RefreshResult", "endpoint_of", "make_http_client"]
+
+
+def endpoint_of(conn: ConnectorConfig) -> str:
+    """`conn`'s token endpoint; OAuthError(not_discovered) before `tokend login` found one."""
+    if conn.token_url is None:
+        reason = conn.needs_login or "no token endpoint is known yet"
+        raise OAuthError(conn.name, "not_discovered", f"{reason}; run: tokend login {conn.name}")
+    return conn.token_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,40 +111,11 @@ class OAuthClient:
     async def _send(
         self, conn: ConnectorConfig, request: httpx.Request, redact: tuple[str, ...]
     ) -> httpx.Response:
-        """Send without following redirects, read at most MAX_BODY_BYTES, all within the timeout.
-
-        Raises TransientError for network errors, timeouts and oversized bodies.
-        """
-        client = self._client_for(conn)
-        try:
-            async with asyncio.timeout(self._total_timeout_s):
-                response = await client.send(request, stream=True, follow_redirects=False)
-                try:
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > MAX_BODY_BYTES:
-                            raise TransientError(conn.name, "token endpoint response too large")
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            reason = f"token endpoint timed out after {self._total_timeout_s:g}s"
-            raise TransientError(conn.name, reason) from None
-        except httpx.RequestError as exc:
-            # The exception's text may name the URL; show the host only, and mask the secrets.
-            text = str(exc).replace(str(request.url), request.url.host)
-            detail = sanitise(text, DESCRIPTION_LIMIT, redact)
-            reason = f"cannot reach the token endpoint {request.url.host}: {type(exc).__name__}"
-            raise TransientError(conn.name, f"{reason} ({detail})" if detail else reason) from exc
-        # The body is decoded already: drop the headers that describe its wire encoding.
-        headers = [
-            (key, value)
-            for key, value in response.headers.multi_items()
-            if key.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-        ]
-        return httpx.Response(
-            response.status_code, headers=headers, content=bytes(body), request=request
-        )
+        """`transport.send` through `conn`'s client, within this client's timeout."""
+        return await send(
+            self._client_for(conn), request, connector=conn.name, redact=redact,
+            timeout_s=self._total_timeout_s, what="token endpoint",
+        )  # fmt: skip
 
     async def refresh(
         self, conn: ConnectorConfig, current: TokenSet, client_secret: Secret | None
@@ -170,11 +154,33 @@ class OAuthClient:
         Sends no grant, so nothing is consumed (for `tokend check`). Raises TransientError for
         network errors and timeouts, OAuthError(insecure_token_url) for a plain-http remote URL.
         """
-        check_token_url(conn.token_url, connector=conn.name)
+        token_url = endpoint_of(conn)
+        check_token_url(token_url, connector=conn.name)
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        request = httpx.Request("GET", conn.token_url, headers=headers)
+        request = httpx.Request("GET", token_url, headers=headers)
         response = await self._send(conn, request, ())
         return response.status_code
+
+    async def revoke(
+        self,
+        conn: ConnectorConfig,
+        token: Secret,
+        *,
+        hint: Literal["refresh_token", "access_token"],
+        client_secret: Secret | None,
+    ) -> None:
+        """Revoke `token` at `conn`'s revocation endpoint (RFC 7009).
+
+        Raises TransientError (network, 5xx, 429) or OAuthError (refused, or no endpoint).
+        """
+        if conn.revocation_url is None or conn.client_id is None:
+            raise OAuthError(conn.name, "no_revocation_endpoint", "the server offers none")
+        creds = ClientCredentials(conn.client_id, conn.client_auth, client_secret)
+        request = build_revocation(
+            conn.revocation_url, creds, connector=conn.name, token=token, hint=hint
+        )
+        response = await self._send(conn, request, (token.reveal(),))
+        parse_revocation(response, connector=conn.name, token=token)
 
     async def aclose(self) -> None:
         """Close the per-CA-file clients this object made (not the injected one)."""

@@ -20,7 +20,7 @@ from urllib.parse import quote_plus
 import httpx
 
 from tokend import __version__
-from tokend.config import ConnectorConfig
+from tokend.config import ClientAuth, ConnectorConfig
 from tokend.errors import InvalidGrantError, OAuthError, SecretMissingError, TransientError
 from tokend.model import Secret, TokenSet
 
@@ -94,6 +94,38 @@ def check_token_url(url: str, *, connector: str) -> None:
     )
 
 
+def add_client_auth(
+    form: dict[str, str],
+    headers: dict[str, str],
+    *,
+    client_id: str,
+    client_auth: ClientAuth,
+    client_secret: Secret | None,
+    connector: str,
+) -> None:
+    """Add RFC 6749 §2.3.1 client authentication to a token-endpoint-style request, in place.
+
+    `none` sends `client_id` in the form; `client_secret_basic` an Authorization header;
+    `client_secret_post` id and secret in the form. Raises SecretMissingError when a confidential
+    client has no secret.
+    """
+    if client_auth == "none":
+        form["client_id"] = client_id
+        return
+    if client_secret is None:
+        raise SecretMissingError(
+            f"{connector}: client_auth {client_auth} needs a client secret and none is "
+            f"stored; run: tokend secret {connector}"
+        )
+    if client_auth == "client_secret_basic":
+        # RFC 6749 §2.3.1: form-urlencode id and secret, then join with ':' and base64.
+        pair = f"{quote_plus(client_id)}:{quote_plus(client_secret.reveal())}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    else:
+        form["client_id"] = client_id
+        form["client_secret"] = client_secret.reveal()
+
+
 def build_refresh_request(
     conn: ConnectorConfig, refresh_token: Secret, client_secret: Secret | None
 ) -> httpx.Request:
@@ -102,29 +134,28 @@ def build_refresh_request(
     `scope` is never sent, so the grant keeps its original scope (§6 allows no widening and
     narrowing is not wanted); `resource` is sent when configured (RFC 8707). Client authentication
     follows `conn.client_auth` (§2.3.1). Raises SecretMissingError when a confidential client has
-    no stored secret, OAuthError(insecure_token_url) for a non-https, non-loopback endpoint.
+    no stored secret, OAuthError(insecure_token_url) for a non-https, non-loopback endpoint,
+    OAuthError(not_discovered) when no token endpoint or client id is known yet.
     """
-    check_token_url(conn.token_url, connector=conn.name)
+    token_url, client_id = conn.token_url, conn.client_id
+    if token_url is None or client_id is None:
+        # An issuer/mcp_url connector before `tokend login` discovered and registered it.
+        reason = conn.needs_login or "no token endpoint or client is known yet"
+        raise OAuthError(conn.name, "not_discovered", f"{reason}; run: tokend login {conn.name}")
+    check_token_url(token_url, connector=conn.name)
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
     if conn.resource is not None:
         form["resource"] = conn.resource
     headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-    if conn.client_auth == "none":
-        form["client_id"] = conn.client_id
-    else:
-        if client_secret is None:
-            raise SecretMissingError(
-                f"{conn.name}: client_auth {conn.client_auth} needs a client secret and none is "
-                f"stored; run: tokend secret {conn.name}"
-            )
-        if conn.client_auth == "client_secret_basic":
-            # RFC 6749 §2.3.1: form-urlencode id and secret, then join with ':' and base64.
-            pair = f"{quote_plus(conn.client_id)}:{quote_plus(client_secret.reveal())}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-        else:
-            form["client_id"] = conn.client_id
-            form["client_secret"] = client_secret.reveal()
-    return httpx.Request("POST", conn.token_url, data=form, headers=headers)
+    add_client_auth(
+        form,
+        headers,
+        client_id=client_id,
+        client_auth=conn.client_auth,
+        client_secret=client_secret,
+        connector=conn.name,
+    )
+    return httpx.Request("POST", token_url, data=form, headers=headers)
 
 
 def _http_date(value: str | None) -> datetime | None:
@@ -210,7 +241,7 @@ def parse_token_response(
     redact = secrets_of(previous)
     retry_after = _retry_after(response, obtained_at if received_at is None else received_at)
     if status == 429 or status >= 500:
-        data = _json_object(response)
+        data = json_object(response)
         redact = _redact_for(data, redact)
         reason = f"token endpoint answered HTTP {status}"
         if data is not None and isinstance(data.get("error"), str):
@@ -219,7 +250,7 @@ def parse_token_response(
     if 300 <= status < 400:
         reason = f"unexpected redirect (HTTP {status}) from the token endpoint"
         raise TransientError(connector, reason, retry_after=retry_after)
-    data = _json_object(response)
+    data = json_object(response)
     if data is None:
         reason = f"unparseable response (HTTP {status}) from the token endpoint"
         raise TransientError(connector, reason, retry_after=retry_after)
@@ -249,7 +280,8 @@ def _redact_for(data: Mapping[str, object] | None, redact: tuple[str, ...]) -> t
     return redact + tuple(value for value in found if isinstance(value, str) and value)
 
 
-def _json_object(response: httpx.Response) -> Mapping[str, object] | None:
+def json_object(response: httpx.Response) -> Mapping[str, object] | None:
+    """The body as a JSON object, or None when it is not one."""
     try:
         data = response.json()
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; [[[[… recurses

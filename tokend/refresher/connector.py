@@ -15,13 +15,13 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from tokend import policy
 from tokend.clock import Clock
 from tokend.config import ConnectorConfig
 from tokend.errors import ApiError, OAuthError, StoreError, TransientError
-from tokend.model import ConnectorState, State, TokenSet
+from tokend.model import ConnectorState, Secret, State, TokenSet
 from tokend.oauth.client import OAuthClient
 from tokend.oauth.protocol import token_set_from_fields
 from tokend.refresher import cycle, serving
@@ -68,12 +68,27 @@ class Connector:
         self._backoff_scale = backoff_scale  # tests shrink the backoff; production keeps 1
         self._mutex = asyncio.Lock()  # one refresh, install or removal at a time
         self._inflight: asyncio.Task[None] | None = None
+        self._awaiting_login = False  # a grant kept unused until the config matches its client
 
     # ----------------------------------------------------------------- state bookkeeping
 
     @property
     def state(self) -> State:
         return self.record.state
+
+    @property
+    def can_login(self) -> bool:
+        """Whether `tokend login` can authorize this connector (see `serving.action_for`)."""
+        conn = self.config
+        return conn.token_url is None or any(
+            url is not None
+            for url in (
+                conn.issuer,
+                conn.mcp_url,
+                conn.authorization_url,
+                conn.device_authorization_url,
+            )
+        )
 
     @property
     def unpersisted(self) -> bool:
@@ -106,6 +121,7 @@ class Connector:
 
     def adopt(self, token: TokenSet, *, refreshed: bool = False) -> None:
         """Serve `token` (as stored) from now on and plan its refresh; failures are forgotten."""
+        self._awaiting_login = False
         now = self.clock.now()
         self.token = token
         changes: dict[str, Any] = {
@@ -139,15 +155,18 @@ class Connector:
             token = await asyncio.to_thread(self.store.load, self.name)
         except StoreError as exc:
             # WARNING: the `rejected` alert that follows is the ERROR line a human acts on.
-            logger.warning(
-                "%s: stored grant unreadable: %s; run: tokend import %s", self.name, exc, self.name
-            )
             self.update(state=State.REJECTED, last_error=str(exc))
+            logger.warning(
+                "%s: stored grant unreadable: %s; run: %s", self.name, exc, serving.action_of(self)
+            )
             return
         now = self.clock.now()
         if token is None:
             self.update(state=State.UNAUTHORIZED, generation=None, last_error=None)
             self.schedule_at(None)
+            return
+        if self.config.needs_login is not None:
+            self._await_login(token)
             return
         self.token = token
         same = saved is not None and saved.generation == token.generation
@@ -178,8 +197,25 @@ class Connector:
         """Adopt a changed config (same name; a reload), keeping tokens, and re-plan the refresh
         unless a retry or a human is awaited."""
         self.config = config
-        if self.token is not None and not self.state.is_terminal and self.record.retry_at is None:
+        token = self.token
+        if token is not None and config.needs_login is not None:
+            self._await_login(token)
+        elif token is not None and self._awaiting_login:
+            # The configuration matches the stored client again: the grant can be used.
+            self._awaiting_login = False
+            self.adopt(token)
+        elif self.token is not None and not self.state.is_terminal and self.record.retry_at is None:
             self.schedule_at(self.planned_refresh(self.token))
+
+    def _await_login(self, token: TokenSet) -> None:
+        """The stored client cannot be used as configured now: keep the grant, present nothing,
+        and wait for `tokend login`."""
+        self.token = token
+        self._awaiting_login = True
+        reason = self.config.needs_login or "a new login is needed"
+        self.update(state=State.NEEDS_REAUTH, generation=token.generation, last_error=reason)
+        self.schedule_at(None)
+        logger.warning("%s: %s; run: tokend login %s", self.name, reason, self.name)
 
     # ----------------------------------------------------------------- refresh (single flight)
 
@@ -250,8 +286,23 @@ class Connector:
 
     # ----------------------------------------------------------------- grants
 
-    async def install(self, fields: Mapping[str, object]) -> None:
-        """Install a grant from an RFC 6749 token response; raises ApiError(bad_request)."""
+    async def install(
+        self, fields: Mapping[str, object], *, config: ConnectorConfig | None = None
+    ) -> None:
+        """Install a grant from an RFC 6749 token response; raises ApiError(bad_request).
+
+        `config` (from `tokend login`: the endpoints and client the grant belongs to) replaces
+        the connector's settings together with the grant, so no refresh runs in between.
+        """
+        target = config or self.config
+        if target.token_url is None:
+            raise ApiError(
+                "bad_request",
+                f"{target.needs_login or 'no token endpoint is known yet'}; "
+                f"run: tokend login {self.name}",
+                connector=self.name,
+                action=f"tokend login {self.name}",
+            )
         try:
             token = token_set_from_fields(
                 fields,
@@ -266,6 +317,7 @@ class Connector:
             saved = await asyncio.to_thread(
                 self.store.save, self.name, token, expected_generation=None
             )
+            self.config = target
             self.unsaved = None
             self.adopt(saved)
         if saved.refresh_token is None:
@@ -274,12 +326,20 @@ class Connector:
             )
         logger.info("%s: grant installed", self.name)
 
-    async def forget(self) -> bool:
-        """Delete the stored grant; the connector becomes `unauthorized`."""
+    async def forget(self, *, revoke: bool = False) -> list[str]:
+        """Delete the stored grant; the connector becomes `unauthorized`.
+
+        With `revoke`, the refresh token and the access token are first revoked at the
+        revocation endpoint (RFC 7009), when the server offers one; if that fails, nothing is
+        deleted and the error is raised (ApiError: 503 for a transient failure, 400 otherwise).
+        Returns the kinds of token revoked.
+        """
         async with self._mutex:
-            existed = await asyncio.to_thread(self.store.delete, self.name)
+            revoked = await self._revoke() if revoke else []
+            await asyncio.to_thread(self.store.delete, self.name)
             self.token = None
             self.unsaved = None
+            self._awaiting_login = False
             self.update(
                 state=State.UNAUTHORIZED,
                 generation=None,
@@ -290,8 +350,48 @@ class Connector:
                 last_error=None,
             )
             self.schedule_at(None)
-        logger.info("%s: grant removed", self.name)
-        return existed
+        logger.info(
+            "%s: grant removed%s", self.name, f" ({', '.join(revoked)} revoked)" * bool(revoked)
+        )
+        return revoked
+
+    async def _revoke(self) -> list[str]:
+        """Revoke the grant's tokens (mutex held); the kinds revoked, [] when there is no
+        endpoint or no grant."""
+        token = self.unsaved or self.token or await asyncio.to_thread(self.store.load, self.name)
+        if token is None or self.config.revocation_url is None:
+            return []
+        secret = None
+        if self.config.client_auth != "none":
+            secret = await asyncio.to_thread(self.store.load_client_secret, self.name)
+        kinds: list[tuple[Literal["refresh_token", "access_token"], Secret | None]] = [
+            ("refresh_token", token.refresh_token),
+            ("access_token", token.access_token),
+        ]
+        revoked: list[str] = []
+        for hint, value in kinds:
+            if value is None:
+                continue
+            try:
+                await self.oauth.revoke(self.config, value, hint=hint, client_secret=secret)
+            except TransientError as exc:
+                raise ApiError(
+                    "temporarily_unavailable",
+                    f"revocation failed, nothing was deleted: {exc.reason}",
+                    connector=self.name,
+                    action=f"retry, or delete without revoking: tokend logout {self.name} "
+                    "--no-revoke",
+                    retry_after=5,
+                ) from None
+            except (OAuthError, StoreError) as exc:
+                raise ApiError(
+                    "bad_request",
+                    f"revocation refused, nothing was deleted: {_after_name(self.name, exc)}",
+                    connector=self.name,
+                    action=f"delete without revoking: tokend logout {self.name} --no-revoke",
+                ) from None
+            revoked.append(hint)
+        return revoked
 
     async def reload_from_store(self) -> bool:
         """Adopt a grant stored behind our back (a newer generation); True if one was adopted."""
@@ -304,3 +404,9 @@ class Connector:
             self.unsaved = None
             self.adopt(stored)
         return True
+
+
+def _after_name(name: str, exc: BaseException) -> str:
+    """An error's text without the leading "NAME: " its message starts with."""
+    text = str(exc)
+    return text.removeprefix(f"{name}: ")

@@ -25,7 +25,7 @@ from tokend.errors import (
     TransientError,
 )
 from tokend.model import Secret, State, TokenSet
-from tokend.refresher.serving import action_for
+from tokend.refresher.serving import action_of
 
 if TYPE_CHECKING:
     from tokend.refresher.connector import Connector
@@ -119,9 +119,7 @@ def _terminal(connector: Connector, state: State, reason: str) -> None:
     connector.update(state=state, last_error=reason, retry_at=None)
     connector.schedule_at(None)
     # WARNING: the alert for this state is the ERROR line (one per incident, DESIGN §7).
-    logger.warning(
-        "%s: %s; run: %s", connector.name, reason, action_for(connector.name, state, reason)
-    )
+    logger.warning("%s: %s; run: %s", connector.name, reason, action_of(connector))
 
 
 def _transient(

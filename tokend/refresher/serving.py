@@ -9,7 +9,7 @@ changes a connector's state except through `Connector.refresh` and `Connector.no
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from tokend import policy
@@ -23,23 +23,36 @@ if TYPE_CHECKING:
 LOOKUP_WAIT_S = 10.0  # how long a lookup waits for a refresh it needs (DESIGN §5)
 
 
-def action_for(name: str, state: State, last_error: str | None = None) -> str | None:
-    """What a human should do about a connector in `state`, as a command line where possible."""
-    if state is State.UNAUTHORIZED:
-        return f"tokend import {name}"
-    if state is State.NEEDS_REAUTH:
-        return f"tokend import {name}"
+def action_for(
+    name: str, state: State, last_error: str | None = None, *, can_login: bool = True
+) -> str | None:
+    """What a human should do about a connector in `state`, as a command line where possible.
+
+    `can_login` says whether `tokend login` can authorize this connector (it has an
+    authorization endpoint or discovers one); without it, a new grant comes from `tokend import`.
+    """
+    authorize = f"tokend login {name}" if can_login else f"tokend import {name}"
+    if state in (State.UNAUTHORIZED, State.NEEDS_REAUTH):
+        return authorize
     if state is State.REJECTED:
         if last_error and "client secret" in last_error:
             return f"tokend secret {name}"
         if last_error and last_error.startswith("keyring item ") and "is unusable" in last_error:
-            return f"tokend import {name}"  # a corrupt stored grant: a new one replaces it
+            return authorize  # a corrupt stored grant: a new one replaces it
         return f"fix connectors.{name} in the config or the client registration, then: " + (
             f"tokend refresh {name}"
         )
     if state is State.EXPIRED:
         return "tokend check"  # it probes the token endpoint; retries go on meanwhile
     return None
+
+
+def action_of(connector: Connector) -> str | None:
+    """`action_for` a connector as it is now."""
+    record = connector.record
+    return action_for(
+        connector.name, record.state, record.last_error, can_login=connector.can_login
+    )
 
 
 def unavailable(
@@ -51,7 +64,7 @@ def unavailable(
         description,
         connector=connector.name,
         since=isoformat(connector.record.since),
-        action=action_for(connector.name, connector.state, connector.record.last_error),
+        action=action_of(connector),
         retry_after=retry_after,
     )
 
@@ -69,7 +82,7 @@ def needs_reauth(connector: Connector) -> ApiError:
         f"{state.value}: {description}",
         connector=connector.name,
         since=isoformat(record.since),
-        action=action_for(connector.name, state, record.last_error),
+        action=action_of(connector),
     )
 
 
@@ -135,12 +148,13 @@ def status(connector: Connector) -> dict[str, object]:
         "since": isoformat(record.since),
         "expires_at": isoformat(record.expires_at),
         "expires_in": expires_in,
-        "next_refresh_at": isoformat(record.next_refresh_at),
-        "last_refresh_at": isoformat(record.last_refresh_at),
+        # Milliseconds: refresh punctuality is measured against these (RFC 3339 allows them).
+        "next_refresh_at": _isoformat_ms(record.next_refresh_at),
+        "last_refresh_at": _isoformat_ms(record.last_refresh_at),
         "retry_at": isoformat(record.retry_at),
         "consecutive_failures": record.consecutive_failures,
         "last_error": record.last_error,
-        "action": action_for(connector.name, record.state, record.last_error),
+        "action": action_of(connector),
         "lifetime_assumed": record.lifetime_assumed,
         "clock_offset_s": record.clock_offset_s,
         "refreshes": record.refreshes,
@@ -148,3 +162,10 @@ def status(connector: Connector) -> dict[str, object]:
         "unpersisted": connector.unpersisted,
         "token_url": connector.config.token_url,
     }
+
+
+def _isoformat_ms(moment: datetime | None) -> str | None:
+    """RFC 3339 UTC with a `Z`, milliseconds precision (truncated); None stays None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
