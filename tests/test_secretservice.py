@@ -94,14 +94,14 @@ _WRITER = """
     print("ready", flush=True)
     sys.stdin.readline()
     for i in range(count):
-        for attempt in range(10):
+        for attempt in range(40):  # up to ~15 s: gnome-keyring may drop a client for seconds
             try:
                 keyring.set_password("tokend-concurrent", f"{tag}-{i}", f"value-{tag}-{i}")
                 break
             except Exception as exc:  # count what the daemon throws at concurrent clients
                 name = f"{type(exc).__module__}.{type(exc).__name__}: {str(exc)[:60]}"
                 errors[name] = errors.get(name, 0) + 1
-                time.sleep(0.05 * (attempt + 1))
+                time.sleep(min(0.5, 0.05 * (attempt + 1)))
         else:
             failed.append(i)
     print(json.dumps({"errors": errors, "failed": failed}))
