@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.sites import Site
 from tokend.authserver import AuthServer
 from tokend.clock import SystemClock
 from tokend.config import ConnectorConfig
@@ -299,3 +300,32 @@ def test_browser_opens_only_for_a_human_with_a_display() -> None:
     assert may_open_browser(human, {"BROWSER": "lynx"})
     assert not may_open_browser(human, {})
     assert not may_open_browser(script, {"DISPLAY": ":0"})
+
+
+async def test_client_id_metadata_document_is_used_when_the_server_accepts_it(
+    server: AuthServer, site: Site
+) -> None:
+    """With client_metadata_url and a server advertising support, the document URL is the
+    client id and nothing is registered; without support, login falls back to registration."""
+    url = f"{site.base}/tokend-client.json"
+    site.json(
+        "/tokend-client.json",
+        {
+            "client_id": url,
+            "client_name": "tokend",
+            "redirect_uris": ["http://127.0.0.1:8765/callback"],
+            "grant_types": ["authorization_code", "refresh_token", DEVICE_GRANT],
+            "token_endpoint_auth_method": "none",
+        },
+    )
+    server.cimd = True
+    server.device_auto = "approve"
+    result = await run(connector(server, client_metadata_url=url), Human())
+    assert (result.record.client_id, result.record.client_kind) == (url, "metadata_document")
+    assert result.record.client_auth == "none" and result.client_secret is None
+    assert requests_to(server, "/register") == []
+    server.cimd = False
+    human = Human()
+    fallback = await run(connector(server, client_metadata_url=url), human)
+    assert fallback.record.client_kind == "registered"
+    assert any("does not accept client ID metadata documents" in line for line in human.lines)
