@@ -21,7 +21,12 @@ from tokend.config.types import (
     RedirectHost,
     RefreshSettings,
 )
-from tokend.config.values import module_available, parse_duration, resolve_allow
+from tokend.config.values import (
+    is_loopback_host,
+    module_available,
+    parse_duration,
+    resolve_allow,
+)
 
 # The default places live in `paths` (light, for client commands); exported for config's callers.
 from tokend.paths import default_config_path, default_socket_path, default_state_dir
@@ -39,6 +44,7 @@ __all__ = [
     "default_config_path",
     "default_socket_path",
     "default_state_dir",
+    "is_loopback_host",
     "load_config",
     "module_available",
     "parse_duration",

@@ -112,8 +112,9 @@ def _dotted(keys: tuple[str, ...]) -> str:
     return ".".join(key if _BARE_KEY_RE.fullmatch(key) else quoted(key) for key in keys)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """ "localhost" or a loopback IP address: where plain http cannot be overheard."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -221,7 +222,7 @@ class Table:
             return None
         value, parts = found
         if parts.scheme != "https" and not (
-            parts.scheme == "http" and _is_loopback(parts.hostname or "")
+            parts.scheme == "http" and is_loopback_host(parts.hostname or "")
         ):
             self.fail(key, "must be an https URL (http is allowed only for loopback hosts)")
         return value

@@ -9,7 +9,6 @@ a client secret or a response body into a message: from a provider only `error` 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from urllib.parse import quote_plus
 import httpx
 
 from tokend import __version__
-from tokend.config import ClientAuth, ConnectorConfig
+from tokend.config import ClientAuth, ConnectorConfig, is_loopback_host
 from tokend.errors import InvalidGrantError, OAuthError, SecretMissingError, TransientError
 from tokend.model import Secret, TokenSet
 
@@ -65,15 +64,6 @@ def secrets_of(token: TokenSet | None) -> tuple[str, ...]:
     return tuple(s.reveal() for s in secrets if s is not None and s.reveal())
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_token_url(url: str, *, connector: str) -> None:
     """Refuse to send a grant anywhere but https, or plain http to a loopback host.
 
@@ -87,7 +77,7 @@ def check_token_url(url: str, *, connector: str) -> None:
     if parsed is not None and parsed.host:
         if parsed.scheme == "https":
             return
-        if parsed.scheme == "http" and _is_loopback(parsed.host):
+        if parsed.scheme == "http" and is_loopback_host(parsed.host):
             return
     raise OAuthError(
         connector, "insecure_token_url", "token_url must be https (or http to loopback)"
