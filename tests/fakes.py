@@ -17,6 +17,24 @@ from tokend.metrics import Metrics
 from tokend.model import Secret, TokenSet
 from tokend.server.api import Peer
 
+# The OAuth tests' token sets. Recognisable values: the canary tests assert they never reach a
+# message.
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+OLD_ACCESS = "at-CANARY-old-access-7f3a9e"
+OLD_REFRESH = "rt-CANARY-old-refresh-91c2d4"
+NEW_ACCESS = "at-CANARY-new-access-55b0e1"
+NEW_REFRESH = "rt-CANARY-new-refresh-0d6f38"
+CLIENT_SECRET = "cs-CANARY-client-secret-a1b2"
+PREVIOUS = TokenSet(
+    access_token=Secret(OLD_ACCESS),
+    refresh_token=Secret(OLD_REFRESH),
+    scope="repo offline_access",
+    obtained_at=T0 - HOUR,
+    expires_at=T0,
+    generation=4,
+)
+
 # --- FakeTokenSource: tokend.server.api.TokenSource -------------------------------------------
 
 

@@ -4,7 +4,6 @@ a human can cause (denied consent, an expired device code, a wrong redirect)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from tokend.errors import DiscoveryError, LoginError
 from tokend.login.flows import Prompt
 from tokend.login.session import LoginResult, login
 from tokend.model import Secret
+from tokend.oauth.device import DEVICE_CODE_GRANT
 
 pytestmark = pytest.mark.anyio
 
@@ -122,10 +122,7 @@ async def test_device_flow_from_an_mcp_url_registers_and_authorizes(server: Auth
     assert "/device" in shown and "code" in shown
     registered = requests_to(server, "/register")
     assert len(registered) == 1
-    assert DEVICE_GRANT in registered[0]["grant_types"]
-
-
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+    assert DEVICE_CODE_GRANT in registered[0]["grant_types"]
 
 
 async def test_loopback_flow_with_pkce_state_and_resource(server: AuthServer) -> None:
@@ -200,7 +197,7 @@ async def test_device_flow_obeys_slow_down(server: AuthServer) -> None:
     server.device_slow_down_step_s = 0
     result = await run(connector(server), Human())
     assert server.is_valid_access_token(result.token.access_token.reveal())
-    polls = [r.at for r in server.requests if r.form.get("grant_type") == DEVICE_GRANT]
+    polls = [r.at for r in server.requests if r.form.get("grant_type") == DEVICE_CODE_GRANT]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(polls)]
     assert gaps and gaps[0] >= 5.0  # the first poll got slow_down
 
@@ -288,9 +285,6 @@ def test_token_lifetime_survives_the_hand_over() -> None:
     }  # fmt: skip
 
 
-_ = asyncio
-
-
 def test_browser_opens_only_for_a_human_with_a_display() -> None:
     """No browser without a terminal, or without $DISPLAY/$WAYLAND_DISPLAY/$BROWSER."""
     from tokend.login.flows import may_open_browser
@@ -314,7 +308,7 @@ async def test_client_id_metadata_document_is_used_when_the_server_accepts_it(
             "client_id": url,
             "client_name": "tokend",
             "redirect_uris": ["http://127.0.0.1:8765/callback"],
-            "grant_types": ["authorization_code", "refresh_token", DEVICE_GRANT],
+            "grant_types": ["authorization_code", "refresh_token", DEVICE_CODE_GRANT],
             "token_endpoint_auth_method": "none",
         },
     )

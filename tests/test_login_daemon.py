@@ -5,7 +5,6 @@ configuration refuses the stored client, and logout revokes before it deletes.""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ import pytest
 
 from tests.harness import FILE_BACKEND, DaemonProcess, get, wait_for, why
 from tokend.authserver import AuthServer
-
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
 @pytest.fixture
@@ -188,9 +185,6 @@ def test_login_for_an_unknown_connector_is_a_config_error(
     result = daemon.cli("login", "nope")
     assert result.returncode == 78, why(result)
     assert len(result.stderr.splitlines()) == 1
-
-
-_ = sys
 
 
 def test_check_notices_an_issuer_changed_since_login(tmp_short: Path, server: AuthServer) -> None:

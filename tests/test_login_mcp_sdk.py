@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.harness import FILE_BACKEND, DaemonProcess, get, wait_for, why
 from tests.mcp_sdk.client import Unauthorized, call_tool
@@ -112,6 +111,3 @@ def _refused(mcp_url: str, token: str) -> bool:
     except Unauthorized:
         return True
     return False
-
-
-_ = pytest

@@ -15,6 +15,15 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import (
+    CLIENT_SECRET,
+    HOUR,
+    NEW_ACCESS,
+    NEW_REFRESH,
+    OLD_ACCESS,
+    OLD_REFRESH,
+    PREVIOUS,
+)
 from tests.pki import Pki, make_pki
 from tokend import __version__
 from tokend.authserver import AuthServer
@@ -28,23 +37,6 @@ from tokend.errors import (
 from tokend.model import Secret, TokenSet
 from tokend.oauth.client import MAX_BODY_BYTES, OAuthClient, RefreshResult, make_http_client
 from tokend.oauth.protocol import token_set_from_fields
-
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-HOUR = timedelta(hours=1)
-# Recognisable values: the canary tests assert they never reach a message.
-OLD_ACCESS = "at-CANARY-old-access-7f3a9e"
-OLD_REFRESH = "rt-CANARY-old-refresh-91c2d4"
-NEW_ACCESS = "at-CANARY-new-access-55b0e1"
-NEW_REFRESH = "rt-CANARY-new-refresh-0d6f38"
-CLIENT_SECRET = "cs-CANARY-client-secret-a1b2"
-PREVIOUS = TokenSet(
-    access_token=Secret(OLD_ACCESS),
-    refresh_token=Secret(OLD_REFRESH),
-    scope="repo offline_access",
-    obtained_at=T0 - HOUR,
-    expires_at=T0,
-    generation=4,
-)
 
 
 @pytest.fixture

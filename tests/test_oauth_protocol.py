@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
@@ -12,6 +12,16 @@ from urllib.parse import parse_qs, unquote_plus
 import httpx
 import pytest
 
+from tests.fakes import (
+    CLIENT_SECRET,
+    HOUR,
+    NEW_ACCESS,
+    NEW_REFRESH,
+    OLD_ACCESS,
+    OLD_REFRESH,
+    PREVIOUS,
+    T0,
+)
 from tokend import __version__
 from tokend.config import ConnectorConfig
 from tokend.errors import (
@@ -28,23 +38,6 @@ from tokend.oauth.protocol import (
     parse_token_response,
     server_clock_offset,
     token_set_from_fields,
-)
-
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-HOUR = timedelta(hours=1)
-# Recognisable values: the canary tests assert they never reach a message.
-OLD_ACCESS = "at-CANARY-old-access-7f3a9e"
-OLD_REFRESH = "rt-CANARY-old-refresh-91c2d4"
-NEW_ACCESS = "at-CANARY-new-access-55b0e1"
-NEW_REFRESH = "rt-CANARY-new-refresh-0d6f38"
-CLIENT_SECRET = "cs-CANARY-client-secret-a1b2"
-PREVIOUS = TokenSet(
-    access_token=Secret(OLD_ACCESS),
-    refresh_token=Secret(OLD_REFRESH),
-    scope="repo offline_access",
-    obtained_at=T0 - HOUR,
-    expires_at=T0,
-    generation=4,
 )
 
 

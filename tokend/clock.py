@@ -31,11 +31,12 @@ class SystemClock:
         return time.monotonic()
 
 
-def isoformat(moment: datetime | None) -> str | None:
-    """RFC 3339 UTC with a `Z`, seconds precision; None stays None."""
+def isoformat(moment: datetime | None, *, timespec: str = "seconds") -> str | None:
+    """RFC 3339 UTC with a `Z`, seconds precision (or `timespec`, e.g. "milliseconds",
+    truncated); None stays None."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def human_span(secs: int) -> str:

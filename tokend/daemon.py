@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from tokend import __version__, health, reload
 from tokend.alerts.manager import AlertManager
-from tokend.clients import ClientRecord, ClientRecords, resolve, resolve_config
+from tokend.clients import ClientRecord, ClientRecords, mismatch, resolve, resolve_config
 from tokend.clock import Clock, SystemClock
 from tokend.config import Config, ConnectorConfig
 from tokend.errors import ApiError, ConfigError, StoreError, unknown_connector
@@ -377,11 +377,11 @@ class Daemon:
         except (KeyError, TypeError, ValueError) as exc:
             raise ApiError("bad_request", f"client_record: {exc}", connector=name) from None
         configured = self.file_config.connectors[name]
-        config = resolve(configured, record)
-        if config.needs_login is not None or config.token_url is None:
+        problem = mismatch(configured, record)
+        if problem is not None:
             raise ApiError(
                 "bad_request",
-                f"the login does not match the daemon's configuration: {config.needs_login}",
+                f"the login does not match the daemon's configuration: {problem}",
                 connector=name,
                 action=f"reload the daemon (systemctl reload tokend), then: tokend login {name}",
             )
@@ -391,7 +391,7 @@ class Daemon:
             raise ApiError("temporarily_unavailable", str(exc), connector=name) from None
         self.client_records[name] = record
         logger.info("%s: client %s recorded (%s)", name, record.client_kind, record.token_endpoint)
-        return config
+        return resolve(configured, record)
 
     async def forget_grant(self, name: str, *, revoke: bool) -> dict[str, object]:
         connector = self._connector(name)

@@ -70,13 +70,16 @@ def install_login(
     record: ClientRecord,
     client_secret: Secret | None,
 ) -> dict[str, object]:
-    """Store what `tokend login` obtained: a registered client's secret, the client record,
-    then the grant (the order the daemon uses too); returns the connector's status."""
-    store = KeyringStore.from_settings(config.daemon)
-    if client_secret is not None:
-        store.save_client_secret(name, client_secret)
+    """Store what `tokend login` obtained: the client record, then a registered client's secret
+    and the grant; returns the connector's status."""
     ClientRecords(config.daemon.state_dir).put(name, record)
-    return asyncio.run(_once(config, name, lambda c: c.install(fields)))
+
+    async def operation(connector: Connector) -> None:
+        if client_secret is not None:
+            await asyncio.to_thread(connector.store.save_client_secret, name, client_secret)
+        await connector.install(fields)
+
+    return asyncio.run(_once(config, name, operation))
 
 
 def logout(config: Config, name: str, *, revoke: bool) -> dict[str, object]:

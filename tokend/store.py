@@ -114,10 +114,12 @@ class KeyringStore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # One keyring call at a time per process: concurrent Secret Service clients are where
-        # gnome-keyring raises spurious errors (and, rarely, crashes). tokend's file keyring is
-        # safe under concurrent calls (an flock and atomic renames), so its writes may overlap.
+        # gnome-keyring raises spurious errors (and, rarely, crashes). A backend that says it is
+        # safe under concurrent calls (tokend's file keyring) is not serialised.
         self._serial: contextlib.AbstractContextManager[Any] = (
-            contextlib.nullcontext() if backend_name(backend) == FILE_BACKEND else threading.Lock()
+            contextlib.nullcontext()
+            if getattr(backend, "concurrent_calls_safe", False)
+            else threading.Lock()
         )
 
     @classmethod

@@ -73,6 +73,7 @@ class EncryptedFile:
 
     file_path: str
     key_file: str
+    concurrent_calls_safe = True  # an flock and atomic renames: callers need not serialise
 
     def __init__(
         self, file_path: str | os.PathLike[str] | None = None, key_file: str | None = None

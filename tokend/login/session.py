@@ -28,12 +28,12 @@ from tokend.errors import DiscoveryError, LoginError
 from tokend.login import flows
 from tokend.login.flows import CodeRequest, Prompt
 from tokend.model import Secret, TokenSet
+from tokend.oauth.device import DEVICE_CODE_GRANT
 from tokend.oauth.discovery import Discovery, canonical_resource, discover
 from tokend.oauth.registration import register_client
 from tokend.oauth.transport import ClientCredentials
 
 Flow = Literal["device", "loopback", "paste"]
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -262,7 +262,7 @@ async def _client(
         redirect_uris=[redirect_uri],
         scope=scope,
         want_device=meta.device_authorization_endpoint is not None
-        and DEVICE_GRANT in meta.grant_types_supported,
+        and DEVICE_CODE_GRANT in meta.grant_types_supported,
     )
     prompt.say(f"Registered client {registered.client_id} at {meta.issuer}")
     creds = ClientCredentials(

@@ -68,7 +68,6 @@ class Connector:
         self._backoff_scale = backoff_scale  # tests shrink the backoff; production keeps 1
         self._mutex = asyncio.Lock()  # one refresh, install or removal at a time
         self._inflight: asyncio.Task[None] | None = None
-        self._awaiting_login = False  # a grant kept unused until the config matches its client
 
     # ----------------------------------------------------------------- state bookkeeping
 
@@ -121,7 +120,6 @@ class Connector:
 
     def adopt(self, token: TokenSet, *, refreshed: bool = False) -> None:
         """Serve `token` (as stored) from now on and plan its refresh; failures are forgotten."""
-        self._awaiting_login = False
         now = self.clock.now()
         self.token = token
         changes: dict[str, Any] = {
@@ -196,22 +194,22 @@ class Connector:
     def reconfigure(self, config: ConnectorConfig) -> None:
         """Adopt a changed config (same name; a reload), keeping tokens, and re-plan the refresh
         unless a retry or a human is awaited."""
+        awaiting_login = self.config.needs_login is not None  # a stored grant was held unused
         self.config = config
         token = self.token
-        if token is not None and config.needs_login is not None:
+        if token is None:
+            return
+        if config.needs_login is not None:
             self._await_login(token)
-        elif token is not None and self._awaiting_login:
-            # The configuration matches the stored client again: the grant can be used.
-            self._awaiting_login = False
-            self.adopt(token)
-        elif self.token is not None and not self.state.is_terminal and self.record.retry_at is None:
-            self.schedule_at(self.planned_refresh(self.token))
+        elif awaiting_login:
+            self.adopt(token)  # the configuration matches the stored client again
+        elif not self.state.is_terminal and self.record.retry_at is None:
+            self.schedule_at(self.planned_refresh(token))
 
     def _await_login(self, token: TokenSet) -> None:
         """The stored client cannot be used as configured now: keep the grant, present nothing,
         and wait for `tokend login`."""
         self.token = token
-        self._awaiting_login = True
         reason = self.config.needs_login or "a new login is needed"
         self.update(state=State.NEEDS_REAUTH, generation=token.generation, last_error=reason)
         self.schedule_at(None)
@@ -339,7 +337,6 @@ class Connector:
             await asyncio.to_thread(self.store.delete, self.name)
             self.token = None
             self.unsaved = None
-            self._awaiting_login = False
             self.update(
                 state=State.UNAUTHORIZED,
                 generation=None,
@@ -386,7 +383,7 @@ class Connector:
             except (OAuthError, StoreError) as exc:
                 raise ApiError(
                     "bad_request",
-                    f"revocation refused, nothing was deleted: {_after_name(self.name, exc)}",
+                    f"revocation refused, nothing was deleted: {cycle.reason_of(self, exc)}",
                     connector=self.name,
                     action=f"delete without revoking: tokend logout {self.name} --no-revoke",
                 ) from None
@@ -404,9 +401,3 @@ class Connector:
             self.unsaved = None
             self.adopt(stored)
         return True
-
-
-def _after_name(name: str, exc: BaseException) -> str:
-    """An error's text without the leading "NAME: " its message starts with."""
-    text = str(exc)
-    return text.removeprefix(f"{name}: ")

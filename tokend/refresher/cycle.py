@@ -65,11 +65,11 @@ async def _attempt(connector: Connector, current: TokenSet) -> str:
         await _on_invalid_grant(connector, current, exc)
         return "invalid_grant"
     except (SecretMissingError, OAuthError) as exc:
-        _terminal(connector, State.REJECTED, _reason(connector, exc))
+        _terminal(connector, State.REJECTED, reason_of(connector, exc))
         return "rejected"
     except (TransientError, StoreError) as exc:
         retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        _transient(connector, current, _reason(connector, exc), retry_after=retry_after)
+        _transient(connector, current, reason_of(connector, exc), retry_after=retry_after)
         return "transient"
     except Exception:
         # A bug must not stop this connector for good: treat it as transient, loudly.
@@ -106,10 +106,11 @@ async def _on_invalid_grant(
         )
         connector.adopt(stored)
         return
-    _terminal(connector, State.NEEDS_REAUTH, _reason(connector, exc))
+    _terminal(connector, State.NEEDS_REAUTH, reason_of(connector, exc))
 
 
-def _reason(connector: Connector, exc: BaseException) -> str:
+def reason_of(connector: Connector, exc: BaseException) -> str:
+    """An error's text without the "NAME: " prefix its message starts with."""
     text = str(exc)
     prefix = f"{connector.name}: "
     return text[len(prefix) :] if text.startswith(prefix) else text
@@ -164,7 +165,9 @@ async def _persist(connector: Connector, new: TokenSet, current: TokenSet) -> bo
         return True
     except StoreError as exc:
         # Remember which stored generation the unpersisted set descends from.
-        _persist_failed(connector, new.with_generation(current.generation), _reason(connector, exc))
+        _persist_failed(
+            connector, new.with_generation(current.generation), reason_of(connector, exc)
+        )
         return False
     connector.unsaved = None
     connector.persist_failures = 0
@@ -209,7 +212,7 @@ async def _persist_pending(connector: Connector, pending: TokenSet, *, forced: b
         due = connector.clock.now() >= connector.planned_refresh(pending)
         if due or forced:
             return False  # refresh from memory; the write is retried with the next set
-        _persist_failed(connector, pending, _reason(connector, exc))
+        _persist_failed(connector, pending, reason_of(connector, exc))
         return True
     logger.info(
         "%s: keyring write succeeded after %d failures",

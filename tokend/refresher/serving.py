@@ -9,7 +9,7 @@ changes a connector's state except through `Connector.refresh` and `Connector.no
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from tokend import policy
@@ -149,8 +149,8 @@ def status(connector: Connector) -> dict[str, object]:
         "expires_at": isoformat(record.expires_at),
         "expires_in": expires_in,
         # Milliseconds: refresh punctuality is measured against these (RFC 3339 allows them).
-        "next_refresh_at": _isoformat_ms(record.next_refresh_at),
-        "last_refresh_at": _isoformat_ms(record.last_refresh_at),
+        "next_refresh_at": isoformat(record.next_refresh_at, timespec="milliseconds"),
+        "last_refresh_at": isoformat(record.last_refresh_at, timespec="milliseconds"),
         "retry_at": isoformat(record.retry_at),
         "consecutive_failures": record.consecutive_failures,
         "last_error": record.last_error,
@@ -162,10 +162,3 @@ def status(connector: Connector) -> dict[str, object]:
         "unpersisted": connector.unpersisted,
         "token_url": connector.config.token_url,
     }
-
-
-def _isoformat_ms(moment: datetime | None) -> str | None:
-    """RFC 3339 UTC with a `Z`, milliseconds precision (truncated); None stays None."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
