@@ -32,6 +32,7 @@ from tokend.authserver.site import Site
 logger = logging.getLogger(__name__)
 
 _MAX_BODY = 64 * 1024
+_GO_DOWN_GRACE_S = 1.0  # how long go_down waits for answers being written
 _KEEP_REQUESTS = 10_000  # a long-running demo must not grow without bound
 
 
@@ -201,13 +202,26 @@ class AuthServer(Site):
             _shutdown(conn)
 
     def go_down(self) -> None:
-        """Refuse connections (listener closed) and close idle keep-alive ones; keep the port."""
+        """Refuse connections (listener closed) and close idle keep-alive ones; keep the port.
+
+        A handler marks its connection idle only after writing the answer, so a client may already
+        hold an answer whose connection still counts as busy: such connections get a short grace
+        to turn idle and are then closed like the others, so the client's next request sees a
+        closed connection (and a refused reconnect), not a reset mid-request.
+        """
         with self._lock:
             self._down = True
-            idle = [conn for conn, busy in self._conns.items() if not busy]
         self._unlisten()
-        for conn in idle:
-            _shutdown(conn)
+        deadline = time.monotonic() + _GO_DOWN_GRACE_S
+        while True:
+            with self._lock:
+                idle = [conn for conn, busy in self._conns.items() if not busy]
+                busy_left = len(self._conns) - len(idle)
+            for conn in idle:
+                _shutdown(conn)
+            if not busy_left or time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
 
     def come_back(self) -> None:
         """Listen again on the same port after `go_down`."""
