@@ -407,7 +407,10 @@ class Daemon:
 
     def metrics_text(self) -> str:
         return self.metrics.render(
-            self.statuses(), version=__version__, started_at_monotonic=self._started_at
+            self.statuses(),
+            version=__version__,
+            started_at_monotonic=self._started_at,
+            notify_dropped=self.notifier.dropped,
         )
 
     def lookup_done(self, name: str, outcome: str) -> None:
@@ -421,4 +424,5 @@ class Daemon:
             store_backend=self.store_backend,
             uptime_s=int(time.monotonic() - self._started_at),
             summary=self.summary(),
+            notify_dropped=self.notifier.dropped,
         )
