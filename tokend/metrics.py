@@ -25,6 +25,7 @@ LOOKUP_OUTCOMES = (
     "forbidden",
     "bad_request",
     "unknown_connector",
+    "internal_error",
 )
 STATES = tuple(state.value for state in State)
 
