@@ -9,14 +9,19 @@ import time
 from tokend.notify import Notifier
 
 
+def _undrained(root, monkeypatch) -> socket.socket:
+    """A bound datagram socket, named by NOTIFY_SOCKET, that nobody reads."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(root / "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(root / "notify.sock"))
+    return listener
+
+
 def test_full_notify_queue_drops_and_counts_without_blocking(tmp_short, caplog, monkeypatch):
     """Sends to a NOTIFY_SOCKET nobody drains return at once; past the kernel's queue the
     datagrams are dropped and counted, with one warning for the lot."""
-    path = tmp_short / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
+    listener = _undrained(tmp_short, monkeypatch)
     try:
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         notifier = Notifier()
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="tokend.notify"):
@@ -33,11 +38,8 @@ def test_full_notify_queue_drops_and_counts_without_blocking(tmp_short, caplog, 
 def test_state_message_waits_for_room_and_goes_in_order(tmp_short, monkeypatch):
     """READY and STATUS lines the full queue refused are sent, in order, at the next watchdog
     tick once the queue has room; a newer STATUS replaces a waiting one."""
-    path = tmp_short / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
+    listener = _undrained(tmp_short, monkeypatch)
     try:
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         notifier = Notifier()
         while notifier.dropped == 0:
             notifier.watchdog()
