@@ -575,9 +575,6 @@ async def test_reconfigure_before_start_and_of_repeat_only(receiver: Receiver) -
 @pytest.mark.anyio
 async def test_apprise_url_delivers_title_and_body(receiver: Receiver) -> None:
     """An Apprise json:// URL gets "tokend: needs_reauth gh" with the message and the action."""
-    pytest.importorskip(
-        "apprise", reason="apprise is an optional extra: pip install tokend[apprise]"
-    )
     url = receiver.url.replace("http://", "json://")
     async with running(AlertSettings(apprise=(url,), repeat=HOUR)) as manager:
         assert manager.sink_names == ["apprise #1 (json)"]
@@ -598,9 +595,6 @@ async def test_apprise_url_it_cannot_use_is_a_config_error_without_the_url(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """start() refuses an Apprise URL apprise rejects, naming the entry, never logging the URL."""
-    pytest.importorskip(
-        "apprise", reason="apprise is an optional extra: pip install tokend[apprise]"
-    )
     caplog.set_level(logging.DEBUG)
     settings = AlertSettings(apprise=("json://127.0.0.1:9/ok", "nosuchscheme://host/SECRETTOKEN"))
     manager = AlertManager(settings, clock=SystemClock())
@@ -619,9 +613,6 @@ async def test_apprise_failures_are_reported_and_a_bad_reload_keeps_the_old_sink
 ) -> None:
     """A json:// URL nobody answers is a reported failure; a reload with a URL apprise refuses
     raises ConfigError and leaves the running sinks in place."""
-    pytest.importorskip(
-        "apprise", reason="apprise is an optional extra: pip install tokend[apprise]"
-    )
     with Receiver() as closed:
         dead = closed.url.replace("http://", "json://")
     async with running(AlertSettings(apprise=(dead,), repeat=HOUR)) as manager:

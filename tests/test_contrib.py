@@ -36,6 +36,7 @@ from tests.harness import (
     config_dict,
     get,
     one_line,
+    require,
     short_tmp,
     skip_record,
     why,
@@ -372,10 +373,10 @@ def _service_env(socket_path: Path | str, url: str, out: Path) -> dict[str, str]
     return env
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
 def test_systemd_units_verify_clean(live: Live, tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing to say about the service and the timer (with the
     binaries they name pointed at ones that exist here)."""
+    require(shutil.which("systemd-analyze") is not None, "no systemd-analyze here")
     for name in ("nightly-sync.service", "nightly-sync.timer"):
         text = (CONTRIB / "systemd" / name).read_text()
         text = text.replace(INSTALLED_TOKEND, str(live.bin_dir / "tokend"))
@@ -613,13 +614,13 @@ def _strace_works() -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _strace_works(), reason="strace missing or ptrace not permitted")
 @pytest.mark.parametrize("snippet", ["cron", "curl", "mcp-remote"])
 def test_no_snippet_execs_a_process_with_the_token_in_argv(
     live: Live, tmp_path: Path, snippet: str
 ) -> None:
     """Traced with strace, no program any shell snippet starts (printf included, were it not
     a builtin) gets the token among its arguments."""
+    require(_strace_works(), "strace missing or ptrace not permitted")
     trace = tmp_path / "trace.txt"
     strace = ["strace", "-f", "-qq", "-e", "trace=execve,execveat", "-e", "signal=none"]
     strace += ["-s", "1000000", "-o", str(trace)]

@@ -393,3 +393,64 @@ async def test_forget_grant_makes_connector_unauthorized(tmp_short):
             assert daemon.connectors["demo"].record.next_refresh_at is None
             status, body = await aget(config.daemon.socket, "/v1/connectors/demo/token")
     assert (status, body["error"]) == (503, "needs_reauth")
+
+
+async def test_stop_closes_every_connector_after_its_refresh_in_flight(tmp_short, monkeypatch):
+    """SIGTERM's stop calls close() on every connector, after the scheduler stopped; the
+    refreshes in flight finish and their rotated sets reach the keyring before run() returns."""
+    names = ["a", "b", "c"]
+    backend = MemoryKeyring()
+    with AuthServer(lifetime_s=60.0) as auth:
+        config = make_config(tmp_short, auth.token_url, connectors={n: {} for n in names})
+        async with running_daemon(config, store=memory_store(backend)) as daemon:
+            for name in names:
+                await _install(daemon, auth, name)
+            closed: list[str] = []
+            for connector in daemon.connectors.values():
+                real_close = connector.close
+
+                async def close(real_close=real_close, connector=connector) -> None:
+                    # Records the call and runs the real close(): nothing of it is replaced.
+                    assert daemon.scheduler is not None and not daemon.scheduler.running
+                    closed.append(connector.name)
+                    await real_close()
+
+                monkeypatch.setattr(connector, "close", close)
+            auth.fail_next("slow", count=len(names), delay_s=1.0)
+            refreshes = [asyncio.create_task(c.refresh()) for c in daemon.connectors.values()]
+            await _wait_for(lambda: all(c.refresh_in_flight for c in daemon.connectors.values()))
+            daemon.stop_event.set()
+        await asyncio.gather(*refreshes, return_exceptions=True)
+    assert sorted(closed) == names
+    assert auth.refreshes_ok == len(names)
+    for connector in daemon.connectors.values():
+        assert not connector.refresh_in_flight
+        assert connector.record.refreshes == 1
+        assert connector.token is not None
+        stored = memory_store(backend).load(connector.name)
+        assert stored is not None
+        assert stored.refresh_token == connector.token.refresh_token
+
+
+async def test_stop_is_bounded_by_the_grace_when_a_refresh_hangs(tmp_short, caplog):
+    """A refresh that never answers holds the stop for the shutdown grace only, then the daemon
+    exits with an ERROR naming the connector."""
+    from tokend.daemon import Daemon
+
+    with AuthServer(lifetime_s=60.0) as auth:
+        config = make_config(tmp_short, auth.token_url)
+        daemon = Daemon(config, store=memory_store(), backoff_scale=0.02, shutdown_grace_s=1.0)
+        runner = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready_event.wait(), 10)
+        await _install(daemon, auth)
+        auth.fail_next("hang", delay_s=30.0)
+        refresh = asyncio.create_task(daemon.connectors["demo"].refresh())
+        await _wait_for(lambda: daemon.connectors["demo"].refresh_in_flight)
+        started = time.monotonic()
+        daemon.stop_event.set()
+        await asyncio.wait_for(runner, 15)
+        assert time.monotonic() - started < 10
+        refresh.cancel()
+        await asyncio.gather(refresh, return_exceptions=True)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("not closed after" in m and "demo" in m for m in errors), errors

@@ -34,6 +34,7 @@ from tests.harness import (
     aget,
     make_config,
     memory_store,
+    require,
     short_tmp,
 )
 from tokend.authserver import AuthServer
@@ -485,8 +486,10 @@ async def test_state_dir_unwritable_while_running(
                 socket, "/v1/connectors/demo/grant", "PUT", auth.issue_grant()
             )
             assert status == 200, body
-            if not _mount_read_only(state_dir):
-                pytest.skip("cannot mount a read-only tmpfs here (needs root / CAP_SYS_ADMIN)")
+            require(
+                _mount_read_only(state_dir),
+                "cannot mount a read-only tmpfs here (needs root / CAP_SYS_ADMIN)",
+            )
             try:
                 assert not (state_dir / "state.json").exists()  # the mount hides it
                 before = connector.record.refreshes

@@ -619,6 +619,7 @@ def test_a_thousand_idle_connections_do_not_block_a_lookup(
     _no_errors_logged(caplog)
 
 
+@pytest.mark.timeout(120)  # trickles bytes for up to 20 s on purpose
 def test_slow_client_is_cut_while_others_are_served(
     live: LiveDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:

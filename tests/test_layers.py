@@ -34,6 +34,7 @@ LAYERS: dict[str, set[str]] = {
     "scheduler": {"clock"},
     "health": {"clock", "model", "refresher", "scheduler"},
     "reload": {"alerts", "config", "errors", "metrics", "notify", "refresher", "scheduler"},
+    "source": {"clients", "config", "errors", "metrics", "model", "refresher", "server"},
     "authserver": set(),
     "clients": {"config", "errors", "store"},
     "login": {"clients", "clock", "config", "errors", "model", "oauth", "store"},
@@ -52,6 +53,7 @@ LAYERS: dict[str, set[str]] = {
         "reload",
         "scheduler",
         "server",
+        "source",
         "store",
     },
     "offline": {

@@ -83,6 +83,7 @@ def test_every_family_is_declared_with_its_type() -> None:
     assert types == {
         "tokend_build_info": "gauge",
         "tokend_uptime_seconds": "gauge",
+        "tokend_notify_dropped": "counter",
         "tokend_connector_state": "gauge",
         "tokend_token_expiry_timestamp_seconds": "gauge",
         "tokend_next_refresh_timestamp_seconds": "gauge",
@@ -183,6 +184,7 @@ def test_lookup_counts_and_the_unknown_connector_series() -> None:
         "forbidden": 1,
         "bad_request": 0,
         "unknown_connector": 0,
+        "internal_error": 0,
     }
     assert value(samples, "tokend_lookups_total", connector="", outcome="unknown_connector") == 1
     assert value(samples, "tokend_lookups_total", connector="", outcome="bad_request") == 1

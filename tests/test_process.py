@@ -11,9 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get
+from tests.harness import FILE_BACKEND, DaemonProcess, config_dict, get, require
 from tokend.authserver import AuthServer
 
 SECRET_SERVICE = "keyring.backends.SecretService.Keyring"
@@ -127,12 +125,12 @@ def test_socket_and_directory_modes(tmp_short):
             proc.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_other_uid_gets_403_unless_allowed(tmp_short):
     """A client running as another user (nobody) is refused the token of a connector that does
     not allow it (403 forbidden) and served the one whose allow list names it; status answers
     anyone who can connect, admin routes are refused."""
+    require(os.geteuid() == 0, "needs root to run a client as another user")
+    require(shutil.which("curl") is not None, "needs curl")
     os.chmod(tmp_short, 0o755)
     with AuthServer(lifetime_s=60.0) as auth:
         config = _config(

@@ -33,6 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeTokenSource, make_tokens
+from tests.harness import require
 from tokend.errors import ApiError, ConfigError, ExitCode
 from tokend.model import Secret, TokenSet
 from tokend.server.http import ApiServer, SocketInUseError
@@ -553,8 +554,7 @@ async def test_every_response_has_no_store_and_a_reason_phrase(sock_dir: Path) -
 @pytest.mark.anyio
 async def test_curl(sock_dir: Path) -> None:
     """curl --unix-socket reads the raw token and the JSON answer with a proper status line."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    require(shutil.which("curl") is not None, "curl is not installed")
     async with serving(FakeTokenSource(), sock_dir) as path:
         raw = await in_thread(
             run, ["curl", "-sS", "--unix-socket", path, "http://t/v1/connectors/a/token?format=raw"]
@@ -959,10 +959,8 @@ async def test_close_cuts_a_stuck_request(sock_dir: Path) -> None:
 @pytest.mark.anyio
 async def test_peer_credentials_of_another_user(sock_dir: Path) -> None:
     """A client running as another uid is seen with that uid, gid and supplementary groups."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch uid")
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    require(os.geteuid() == 0, "needs root to switch uid")
+    require(shutil.which("curl") is not None, "curl is not installed")
     sock_dir.chmod(0o755)  # let the other users reach the 0750 directory below
     source = FakeTokenSource(allowed_uids={"a": {65534}})
     server = ApiServer(source)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from tokend import paths
 from tokend.client import request_json
-from tokend.errors import ApiError, DaemonUnavailableError, StateLockedError
+from tokend.errors import ApiError, DaemonUnavailableError, SocketPermissionError, StateLockedError
 
 if TYPE_CHECKING:
     from tokend.config import Config
@@ -50,9 +50,9 @@ def _daemon_or_direct(
     socket_path = _socket_path(args)
     try:
         return via_socket(socket_path)
-    except DaemonUnavailableError as unavailable:
-        if "permission denied" in str(unavailable):
-            raise
+    except SocketPermissionError:
+        raise  # the daemon runs: acting on the store behind its back would race it
+    except DaemonUnavailableError:
         config = _load_config(args)
         from tokend.store import StateDirLock
 

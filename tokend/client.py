@@ -10,7 +10,7 @@ import json
 import socket
 from typing import Any
 
-from tokend.errors import ApiError, DaemonUnavailableError
+from tokend.errors import API_ERRORS, ApiError, DaemonUnavailableError, SocketPermissionError
 
 CLIENT_TIMEOUT_S = 20.0  # the daemon may wait up to 10 s for a refresh before answering
 
@@ -62,7 +62,7 @@ def call(
             "start it: systemctl start tokend (or: tokend run)"
         ) from None
     except PermissionError:
-        raise DaemonUnavailableError(
+        raise SocketPermissionError(
             f"permission denied on {socket_path}; ask for membership of the socket's group"
         ) from None
     except (TimeoutError, OSError, http.client.HTTPException) as exc:
@@ -81,9 +81,16 @@ def _api_error(status: int, data: bytes, connector: str | None) -> ApiError:
     except ValueError:
         return ApiError("internal_error", f"daemon answered HTTP {status}", connector=connector)
     retry = body.get("retry_after")
+    code = body.get("error")
+    description = str(body.get("error_description", f"daemon answered HTTP {status}"))
+    if code not in API_ERRORS:  # a newer daemon's code, or none: not understood here
+        code, description = (
+            "internal_error",
+            f"daemon answered HTTP {status} ({code}): {description}",
+        )
     return ApiError(
-        str(body.get("error", "internal_error")),
-        str(body.get("error_description", f"daemon answered HTTP {status}")),
+        str(code),
+        description,
         connector=body.get("connector", connector),
         since=body.get("since"),
         action=body.get("action"),

@@ -1,10 +1,14 @@
-"""Composition root: builds config, store, connectors, scheduler, socket server and notifier; owns
-signals and the start-up and shutdown order.
+"""Composition root and lifecycle: builds config, store, connectors, scheduler, socket server and
+notifier; owns signals and the start-up and shutdown order, as `startup()`, `main_loop()` and
+`shutdown()`.
 
 Start: state-dir lock → keyring probe (fail fast) → saved state → stored grants → socket →
-scheduler (due refreshes run now) → READY. Stop: STOPPING → stop accepting → stop planning →
-await refreshes in flight (bounded, so rotated tokens are persisted) → flush state → unlink socket.
-SIGHUP's reload is `tokend.reload`; the STATUS= summary and /v1/health are `tokend.health`.
+scheduler (due refreshes run now) → READY. Run: SIGTERM/SIGINT only set `stop_event`, SIGHUP only
+asks the reload task for a reload. Stop: STOPPING → stop accepting → stop planning → let a reload
+under way finish → `close()` every connector (its refresh in flight persisted, a last write of an
+unwritten set; bounded by SHUTDOWN_GRACE_S) → flush state → close alerts and the HTTP client.
+The token source the server calls is `tokend.source`; SIGHUP's reload is `tokend.reload`; the
+STATUS= summary and /v1/health are `tokend.health`.
 """
 
 from __future__ import annotations
@@ -13,29 +17,28 @@ import asyncio
 import contextlib
 import grp
 import logging
-import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Coroutine, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tokend import __version__, health, reload
+from tokend import __version__, health
 from tokend.alerts.manager import AlertManager
-from tokend.clients import ClientRecord, ClientRecords, mismatch, resolve, resolve_config
+from tokend.clients import ClientRecord, ClientRecords, resolve_config
 from tokend.clock import Clock, SystemClock
 from tokend.config import Config, ConnectorConfig
-from tokend.errors import ApiError, ConfigError, StoreError, unknown_connector
+from tokend.errors import ConfigError, StoreError
 from tokend.metrics import Metrics
-from tokend.model import ConnectorState, Secret, State, TokenSet
+from tokend.model import ConnectorState, State
 from tokend.notify import Notifier, Watchdog, watchdog_interval_s
 from tokend.oauth.client import OAuthClient, make_http_client
 from tokend.refresher.connector import Connector
 from tokend.refresher.serving import action_of
+from tokend.reload import Reloader
 from tokend.scheduler import RefreshScheduler
-from tokend.server.api import Peer
 from tokend.server.http import ApiServer, inherited_socket
+from tokend.source import DaemonSource
 from tokend.store import GrantStore, KeyringStore, StateDirLock, StateFile
 
 if TYPE_CHECKING:
@@ -43,12 +46,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 20.0  # SIGTERM waits this long for refreshes in flight to be persisted
+SHUTDOWN_GRACE_S = 20.0  # SIGTERM waits this long for the connectors to close (DESIGN §2)
 STATE_FLUSH_DELAY_S = 0.5  # state.json is rewritten at most this often
 
 
 class Daemon:
-    """The running daemon; also the `TokenSource` the socket server reads from."""
+    """The running daemon: its lifecycle, and the glue between connectors, scheduler, state
+    file, notifier and alerts. The server reads `source`, not the daemon."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class Daemon:
         recheck_s: float = 30.0,
         backoff_scale: float = 1.0,
         request_timeout_s: float = 10.0,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
     ) -> None:
         self.config = config  # as in effect: connectors resolved against their client records
         self.file_config = config  # as read from the file
@@ -71,6 +76,7 @@ class Daemon:
         self.recheck_s = recheck_s
         self.backoff_scale = backoff_scale
         self.request_timeout_s = request_timeout_s  # a client must send its request within this
+        self.shutdown_grace_s = shutdown_grace_s
         self.connectors: dict[str, Connector] = {}
         self.stop_event = asyncio.Event()
         self.ready_event = asyncio.Event()
@@ -80,7 +86,6 @@ class Daemon:
         self.client_records: dict[str, ClientRecord] = {}
         self._state_dirty = asyncio.Event()
         self._started_at = time.monotonic()
-        self._uid = os.getuid()
         self.server: ApiServer | None = None
         self.scheduler: RefreshScheduler | None = None
         self.watchdog: Watchdog | None = None
@@ -88,15 +93,18 @@ class Daemon:
         self.alerts = AlertManager(config.alerts, clock=self.clock)
         self.store_backend = "?"
         self.config_error: str | None = None  # the last reload's error; the old config runs on
-        self._reload_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
+        self.source = DaemonSource(self, self._clients)
+        self.reloader = Reloader(self)
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # flush, watchdog, reload: stopped last
         self._grants: GrantStore | None = None
         self._oauth: OAuthClient | None = None
+        self._http_in_use: httpx.AsyncClient | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
-        """Run until `stop_event` is set (SIGTERM/SIGINT); raises TokendError if start-up fails."""
+        """Start, serve until `stop_event` is set (SIGTERM/SIGINT), stop in order; raises
+        TokendError if start-up fails (after undoing what had started)."""
         loop = asyncio.get_running_loop()
         handlers = {
             signal.SIGTERM: self.stop_event.set,
@@ -106,16 +114,21 @@ class Daemon:
         for sig, handler in handlers.items():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
-        self._lock.acquire()
+        await asyncio.to_thread(self._lock.acquire)
         try:
-            await self._run_locked()
+            try:
+                await self.startup()
+                await self.main_loop()
+            finally:
+                await self.shutdown()
         finally:
-            self._lock.release()
+            await asyncio.to_thread(self._lock.release)
             for sig in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
 
-    async def _run_locked(self) -> None:
+    async def startup(self) -> None:
+        """Everything up to READY=1: store, saved state, connectors, socket, scheduler."""
         store = self._store
         if store is None:
             keyring_store = KeyringStore.from_settings(self.config.daemon)
@@ -131,74 +144,93 @@ class Daemon:
         except StoreError as exc:
             logger.error("client records unusable: %s", exc)
         self.config = resolve_config(self.file_config, self.client_records)
-        http = self._http or make_http_client()
-        oauth = OAuthClient(http, self.clock)
+        self._http_in_use = http = self._http or make_http_client()
+        self._oauth = OAuthClient(http, self.clock)
         self.scheduler = RefreshScheduler(
             self._run_refresh, self._due, self.clock, recheck_s=self.recheck_s
         )
-        self._grants, self._oauth = store, oauth
+        self._grants = store
         for name, conn_config in self.config.connectors.items():
             self.connectors[name] = self.make_connector(conn_config)
-        flusher: asyncio.Task[None] | None = None
-        watchdog: asyncio.Task[None] | None = None
-        try:
-            await self.alerts.start()
-            await asyncio.gather(*(c.start(saved.get(n)) for n, c in self.connectors.items()))
-            self.server = ApiServer(self, request_timeout_s=self.request_timeout_s)
-            inherited = inherited_socket()
-            if inherited is not None:
-                await self.server.start_from_socket(inherited)
-                logger.info("listening on the socket systemd passed")
-            else:
-                await self.server.start(self.config.daemon.socket, group=self._socket_gid())
-            self.scheduler.start()
-            flusher = asyncio.create_task(self._flush_loop(), name="state flush")
-            interval = watchdog_interval_s()
-            if interval is not None:
-                self.watchdog = Watchdog(self.notifier, interval, self.health_problem)
-                watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
-            self.ready_event.set()
-            self.notifier.ready(self.summary())
-            logger.info(
-                "tokend %s ready: %d connectors, socket %s",
-                __version__,
-                len(self.connectors),
-                self.config.daemon.socket,
-            )
-            await self.stop_event.wait()
+        await self.alerts.start()
+        await asyncio.gather(*(c.start(saved.get(n)) for n, c in self.connectors.items()))
+        self.server = ApiServer(self.source, request_timeout_s=self.request_timeout_s)
+        inherited = inherited_socket()
+        if inherited is not None:
+            await self.server.start_from_socket(inherited)
+            logger.info("listening on the socket systemd passed")
+        else:
+            gid = await asyncio.to_thread(self._socket_gid)  # a group lookup may ask the network
+            await self.server.start(self.config.daemon.socket, group=gid)
+        self.scheduler.start()
+        self._spawn("state flush", self._flush_loop())
+        self._spawn("reload", self.reloader.run())
+        interval = watchdog_interval_s()
+        if interval is not None:
+            self.watchdog = Watchdog(self.notifier, interval, self.health_problem)
+            self._spawn("watchdog", self.watchdog.run())
+        self.ready_event.set()
+        self.notifier.ready(self.summary())
+        logger.info(
+            "tokend %s ready: %d connectors, socket %s",
+            __version__,
+            len(self.connectors),
+            self.config.daemon.socket,
+        )
+
+    async def main_loop(self) -> None:
+        """Serve until SIGTERM/SIGINT (or a caller) sets `stop_event`."""
+        await self.stop_event.wait()
+
+    async def shutdown(self) -> None:
+        """Stop in order; safe after a start-up that failed half-way."""
+        if self.ready_event.is_set():
             self.notifier.stopping()
             logger.info("stopping")
-            await self._shutdown()
-        finally:
-            for task in (flusher, watchdog, *self._background):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            if self.server is not None:
-                await self.server.close()
-            if self.scheduler.running:
-                await self.scheduler.shutdown()
-            await self.alerts.close()
-            self.notifier.close()
-            await oauth.aclose()
-            if self._http is None:
-                await http.aclose()
-
-    async def _shutdown(self) -> None:
         if self.server is not None:
-            await self.server.close()
-        if self.scheduler is not None:
-            await self.scheduler.shutdown()
-        inflight = [c.wait_idle() for c in self.connectors.values() if c.refresh_in_flight]
+            await self.server.close()  # stop accepting; unlinks the socket
+        if self.scheduler is not None and self.scheduler.running:
+            await self.scheduler.shutdown()  # stop planning
+        try:
+            async with asyncio.timeout(self.shutdown_grace_s):
+                reload_task = self._tasks.pop("reload", None)
+                if reload_task is not None:
+                    await self.reloader.stop(reload_task)
+                await self._close_connectors()
+        except TimeoutError:
+            busy = sorted(n for n, c in self.connectors.items() if c.refresh_in_flight)
+            logger.error(
+                "connectors not closed after %ds (%s); exiting",
+                self.shutdown_grace_s,
+                ", ".join(busy) or "a reload under way",
+            )
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        if self.ready_event.is_set():
+            await self._flush_state()
+        await self.alerts.close()
+        if self._oauth is not None:
+            await self._oauth.aclose()
+        if self._http is None and self._http_in_use is not None:
+            await self._http_in_use.aclose()
+        self.notifier.close()
+
+    async def _close_connectors(self) -> None:
+        """`close()` every connector at once: the refresh in flight is persisted, and a set
+        still unwritten gets a last write (a failure is an ERROR naming the connector)."""
+        connectors = list(self.connectors.values())
+        inflight = sum(1 for c in connectors if c.refresh_in_flight)
         if inflight:
-            logger.info("waiting for %d refreshes in flight", len(inflight))
-            try:
-                async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                    await asyncio.gather(*inflight, return_exceptions=True)
-            except TimeoutError:
-                logger.error("refreshes still in flight after %ds; exiting", SHUTDOWN_GRACE_S)
-        await self._flush_state()
+            logger.info("waiting for %d refreshes in flight", inflight)
+        results = await asyncio.gather(*(c.close() for c in connectors), return_exceptions=True)
+        for connector, result in zip(connectors, results, strict=True):
+            if isinstance(result, Exception):
+                logger.error("%s: not closed cleanly: %s", connector.name, result)
+
+    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[name] = asyncio.create_task(work, name=name)
 
     def make_connector(self, conn_config: ConnectorConfig) -> Connector:
         """A connector of this daemon: its store, client, scheduler, listener and metrics."""
@@ -230,6 +262,27 @@ class Daemon:
         """Why the daemon is not healthy (the watchdog withholds its ping), or None."""
         return health.watchdog_problem(self.scheduler, monotonic=self.clock.monotonic())
 
+    def health(self) -> dict[str, object]:
+        """The /v1/health body (`tokend.health.report`)."""
+        return health.report(
+            self.connectors.values(),
+            scheduler=self.scheduler,
+            config_error=self.config_error,
+            store_backend=self.store_backend,
+            uptime_s=int(time.monotonic() - self._started_at),
+            summary=self.summary(),
+            notify_dropped=self.notifier.dropped,
+        )
+
+    def metrics_text(self) -> str:
+        """The /metrics body (`tokend.metrics`)."""
+        return self.metrics.render(
+            self.source.statuses(),
+            version=__version__,
+            started_at_monotonic=self._started_at,
+            notify_dropped=self.notifier.dropped,
+        )
+
     def summary(self) -> str:
         """One line for systemd's STATUS=: counts by state and the next refresh."""
         return health.summary(
@@ -239,13 +292,8 @@ class Daemon:
     # ----------------------------------------------------------------- reload (SIGHUP)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload in the background; reloads never overlap."""
-        task = asyncio.create_task(self._reload_quietly(), name="reload")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _reload_quietly(self) -> None:
-        await self.reload()
+        """SIGHUP: ask the reload task for a reload (`tokend.reload.Reloader`)."""
+        self.reloader.request()
 
     def resolve(self, config: Config) -> Config:
         """A newly read config, resolved against the stored client records."""
@@ -256,8 +304,7 @@ class Daemon:
         """Re-read the config file and apply it (`tokend.reload`): add, remove and change
         connectors, keeping every stored token. An invalid file changes nothing: the error is
         logged and shown in STATUS and health. Returns whether it was applied."""
-        async with self._reload_lock:
-            return await reload.reload(self)
+        return await self.reloader.reload()
 
     # ----------------------------------------------------------------- scheduling glue
 
@@ -313,112 +360,3 @@ class Daemon:
             await asyncio.to_thread(self._state_file.save, states)
         except StoreError as exc:
             logger.warning("state not saved (%s); tokens are unaffected", exc)
-
-    # ----------------------------------------------------------------- TokenSource
-
-    def _connector(self, name: str) -> Connector:
-        connector = self.connectors.get(name)
-        if connector is None:
-            raise unknown_connector(name, self.config.path or "the configuration")
-        return connector
-
-    def has_connector(self, name: str) -> bool:
-        return name in self.connectors
-
-    def is_admin(self, peer: Peer) -> bool:
-        return peer.uid in (0, self._uid)
-
-    def is_allowed(self, name: str, peer: Peer) -> bool:
-        if self.is_admin(peer):
-            return True
-        conn: ConnectorConfig | None = self.config.connectors.get(name)
-        if conn is None:
-            return False
-        for rule in conn.allow:
-            if rule.kind == "uid" and peer.uid == rule.id:
-                return True
-            if rule.kind == "gid" and (peer.gid == rule.id or rule.id in peer.groups):
-                return True
-        return False
-
-    async def token(self, name: str, *, min_ttl_s: float) -> TokenSet:
-        return await self._connector(name).lookup(min_ttl_s=min_ttl_s)
-
-    def status(self, name: str) -> dict[str, object]:
-        return self._connector(name).status()
-
-    def statuses(self) -> list[dict[str, object]]:
-        return [c.status() for _, c in sorted(self.connectors.items())]
-
-    async def refresh(self, name: str) -> dict[str, object]:
-        connector = self._connector(name)
-        await connector.force_refresh()
-        return connector.status()
-
-    async def install_grant(self, name: str, body: Mapping[str, object]) -> dict[str, object]:
-        connector = self._connector(name)
-        fields = dict(body)
-        record_data = fields.pop("client_record", None)
-        config = None
-        if record_data is not None:
-            config = await self._adopt_client_record(name, record_data)
-        await connector.install(fields, config=config)
-        if config is not None:
-            self.config = replace(self.config, connectors={**self.config.connectors, name: config})
-        return connector.status()
-
-    async def _adopt_client_record(self, name: str, data: object) -> ConnectorConfig:
-        """Store what `tokend login` learnt (before the grant it goes with) and return the
-        connector's settings in effect with it; ApiError(bad_request) if it does not fit."""
-        try:
-            if not isinstance(data, Mapping):
-                raise TypeError("client_record must be an object")
-            record = ClientRecord.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ApiError("bad_request", f"client_record: {exc}", connector=name) from None
-        configured = self.file_config.connectors[name]
-        problem = mismatch(configured, record)
-        if problem is not None:
-            raise ApiError(
-                "bad_request",
-                f"the login does not match the daemon's configuration: {problem}",
-                connector=name,
-                action=f"reload the daemon (systemctl reload tokend), then: tokend login {name}",
-            )
-        try:
-            await asyncio.to_thread(self._clients.put, name, record)
-        except StoreError as exc:
-            raise ApiError("temporarily_unavailable", str(exc), connector=name) from None
-        self.client_records[name] = record
-        logger.info("%s: client %s recorded (%s)", name, record.client_kind, record.token_endpoint)
-        return resolve(configured, record)
-
-    async def forget_grant(self, name: str, *, revoke: bool) -> dict[str, object]:
-        connector = self._connector(name)
-        revoked = await connector.forget(revoke=revoke)
-        return {**connector.status(), "revoked": revoked}
-
-    async def store_secret(self, name: str, secret: Secret) -> None:
-        connector = self._connector(name)
-        await asyncio.to_thread(connector.store.save_client_secret, name, secret)
-        logger.info("%s: client secret stored", name)
-        if connector.state is State.REJECTED and connector.token is not None:
-            await connector.refresh(forced=True)
-
-    def metrics_text(self) -> str:
-        return self.metrics.render(
-            self.statuses(), version=__version__, started_at_monotonic=self._started_at
-        )
-
-    def lookup_done(self, name: str, outcome: str) -> None:
-        self.metrics.lookup_done(name, outcome)
-
-    def health(self) -> dict[str, object]:
-        return health.report(
-            self.connectors.values(),
-            scheduler=self.scheduler,
-            config_error=self.config_error,
-            store_backend=self.store_backend,
-            uptime_s=int(time.monotonic() - self._started_at),
-            summary=self.summary(),
-        )

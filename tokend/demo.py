@@ -128,7 +128,7 @@ async def _main(root: Path, lifetime_s: float, duration_s: float | None) -> int:
             ready.cancel()
             await runner  # raises the start-up error
             return 1
-        await daemon.install_grant(NAME, auth.issue_grant())
+        await daemon.source.install_grant(NAME, auth.issue_grant())
         sock = daemon.config.daemon.socket
         _say(
             "\n".join(

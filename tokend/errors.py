@@ -23,13 +23,15 @@ class ExitCode(IntEnum):
     CONFIG = 78
 
 
-# Socket API error code -> (HTTP status, CLI exit code) (DESIGN §5).
+# Socket API error code -> (HTTP status, CLI exit code) (DESIGN §5): the one table. ApiError
+# refuses a code outside it (a bug, caught by tests/test_errors.py, never a silent 500).
 API_ERRORS: dict[str, tuple[int, ExitCode]] = {
     "unknown_connector": (404, ExitCode.CONFIG),
     "forbidden": (403, ExitCode.FORBIDDEN),
     "needs_reauth": (503, ExitCode.NEEDS_REAUTH),
     "temporarily_unavailable": (503, ExitCode.TEMPORARY),
     "bad_request": (400, ExitCode.BAD_REQUEST),
+    "internal_error": (500, ExitCode.INTERNAL),  # a bug in the daemon, or an answer not understood
 }
 
 
@@ -147,10 +149,15 @@ class DaemonUnavailableError(TokendError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class SocketPermissionError(DaemonUnavailableError):
+    """The daemon's socket exists but this user may not connect to it (not in its group)."""
+
+
 class ApiError(TokendError):
     """An error answer of the socket API (DESIGN §5), raised by the daemon or read by the CLI.
 
     `code` is one of `API_ERRORS`; the HTTP status and the CLI's exit code follow from it.
+    Raises ValueError for any other code: that is a bug in the caller.
     """
 
     def __init__(
@@ -163,6 +170,8 @@ class ApiError(TokendError):
         action: str | None = None,
         retry_after: int | None = None,
     ) -> None:
+        if code not in API_ERRORS:
+            raise ValueError(f"unknown API error code {code!r}: add it to API_ERRORS")
         super().__init__(description)
         self.code = code
         self.description = description
@@ -173,11 +182,11 @@ class ApiError(TokendError):
 
     @property
     def http_status(self) -> int:
-        return API_ERRORS.get(self.code, (500, ExitCode.INTERNAL))[0]
+        return API_ERRORS[self.code][0]
 
     @property
     def exit_code(self) -> ExitCode:  # type: ignore[override]  # derived from the code, per instance
-        return API_ERRORS.get(self.code, (500, ExitCode.INTERNAL))[1]
+        return API_ERRORS[self.code][1]
 
     def to_json(self) -> dict[str, object]:
         """The error body of the socket API; absent fields are left out."""

@@ -56,6 +56,7 @@ def report(
     store_backend: str,
     uptime_s: int,
     summary: str,
+    notify_dropped: int = 0,
 ) -> dict[str, object]:
     """The /v1/health body: "degraded" unless the scheduler runs, the last reload succeeded and
     every connector can serve."""
@@ -73,4 +74,5 @@ def report(
         "scheduler": "running" if healthy_scheduler else "stopped",
         "config_error": config_error,
         "summary": summary,
+        "notify_dropped": notify_dropped,  # sd_notify datagrams systemd could not take at once
     }

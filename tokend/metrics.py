@@ -25,6 +25,7 @@ LOOKUP_OUTCOMES = (
     "forbidden",
     "bad_request",
     "unknown_connector",
+    "internal_error",
 )
 STATES = tuple(state.value for state in State)
 
@@ -94,6 +95,7 @@ class Metrics:
         *,
         version: str,
         started_at_monotonic: float,
+        notify_dropped: int = 0,
     ) -> str:
         """The text exposition of every metric, for the connectors in `statuses` (the daemon's
         status dicts: connector, state, expires_at, next_refresh_at, consecutive_failures)."""
@@ -106,6 +108,13 @@ class Metrics:
         uptime = max(0.0, self._monotonic() - started_at_monotonic)
         _family(out, "tokend_uptime_seconds", "gauge", "Seconds since the daemon started.")
         out.append(f"tokend_uptime_seconds {_number(uptime)}")
+        _family(
+            out,
+            "tokend_notify_dropped_total",
+            "counter",
+            "sd_notify datagrams dropped because NOTIFY_SOCKET could not take them at once.",
+        )
+        out.append(f"tokend_notify_dropped_total {notify_dropped}")
 
         _family(
             out,

@@ -1,8 +1,13 @@
 """sd_notify messages to systemd (`NOTIFY_SOCKET`): READY, STATUS, WATCHDOG, STOPPING.
 
-sdnotify swallows every error and silently drops a datagram it cannot encode, so messages are
-sanitised to printable latin-1 here and the first failure to send is logged once. Outside systemd
-(no `NOTIFY_SOCKET`) every call is a cheap no-op.
+Every send is non-blocking: these calls run on the event loop, and a datagram socket whose reader
+has stopped draining (the kernel queues only `net.unix.max_dgram_qlen` datagrams, 10 by default)
+would otherwise block the loop, signals and all. A datagram that cannot be sent at once is dropped
+and counted (`Notifier.dropped`, shown in /v1/health and /metrics); the first failure is logged
+once. A state message (READY, STATUS, RELOADING, STOPPING) that could not go waits, in order, for
+the next send or watchdog tick; a WATCHDOG=1 ping that cannot go is simply dropped. The
+protocol is one datagram per message on a stdlib socket (sd_notify(3)); messages are sanitised
+to printable latin-1. Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 
-import sdnotify
-
 logger = logging.getLogger(__name__)
+
+_MAX_PENDING = 8  # state messages kept for a later send; older ones are given up
 
 
 def _clean(text: str) -> str:
@@ -28,28 +34,55 @@ class Notifier:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         environ = os.environ if env is None else env
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
-        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(address)
+        # An abstract-namespace address is written with a leading "@" (sd_notify(3)).
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._socket: socket.socket | None = None
+        if self.enabled:
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
         self._warned = False
+        self.dropped = 0  # sends the socket refused: queue full (nobody drains it), no socket
+        self._pending: list[str] = []  # state messages not yet taken, oldest first
         self.last_status: str | None = None
 
-    def _send(self, message: str) -> None:
-        if self._notifier is None:
-            return
-        sock = self._notifier.socket
-        address = os.environ.get("NOTIFY_SOCKET", "")
-        if address.startswith("@"):
-            address = "\0" + address[1:]
+    def _send(self, message: str) -> bool:
+        """Send one datagram without blocking; False when it was dropped."""
+        if self._socket is None:
+            return False
         try:
-            # sdnotify's own notify() hides failures; send directly so the first one is logged.
-            sock.sendto(message.encode("latin-1"), address)
-        except OSError as exc:
+            self._socket.sendto(message.encode("latin-1"), self._address)
+        except OSError as exc:  # BlockingIOError when the reader's queue is full
+            self.dropped += 1
             if not self._warned:
-                logger.warning("cannot notify systemd at NOTIFY_SOCKET: %s", exc)
+                logger.warning(
+                    "cannot notify systemd at NOTIFY_SOCKET (%s); dropping messages it cannot "
+                    "take at once, counted as notify_dropped in /v1/health",
+                    exc.strerror or type(exc).__name__,
+                )
                 self._warned = True
+            return False
+        return True
+
+    def _post(self, message: str) -> None:
+        """Send a state message (READY, STATUS, RELOADING, STOPPING), in order: one the socket
+        cannot take now waits for the next send or watchdog tick; a newer STATUS replaces a
+        waiting one."""
+        if message.startswith("STATUS="):
+            self._pending = [m for m in self._pending if not m.startswith("STATUS=")]
+        self._pending.append(message)
+        del self._pending[:-_MAX_PENDING]
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the state messages still waiting, oldest first, as far as the socket takes them."""
+        while self._pending and self._send(self._pending[0]):
+            self._pending.pop(0)
 
     def ready(self, status: str | None = None) -> None:
-        self._send("READY=1" + (f"\nSTATUS={_clean(status)}" if status else ""))
+        self._post("READY=1" + (f"\nSTATUS={_clean(status)}" if status else ""))
         if status:
             self.last_status = _clean(status)
 
@@ -57,23 +90,26 @@ class Notifier:
         text = _clean(text)
         if text != self.last_status:
             self.last_status = text
-            self._send(f"STATUS={text}")
+            self._post(f"STATUS={text}")
 
     def watchdog(self) -> None:
-        self._send("WATCHDOG=1")
+        """WATCHDOG=1, after any state message still waiting; a ping that cannot go is dropped."""
+        self.flush()
+        if not self._pending:
+            self._send("WATCHDOG=1")
 
     def stopping(self) -> None:
-        self._send("STOPPING=1")
+        self._post("STOPPING=1")
 
     def close(self) -> None:
-        if self._notifier is not None:
-            self._notifier.socket.close()
-            self._notifier = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def reloading(self) -> None:
         """RELOADING=1 with the CLOCK_MONOTONIC timestamp systemd (253+) asks for."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        self._post(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 
 def watchdog_interval_s(env: dict[str, str] | None = None) -> float | None:

@@ -6,13 +6,15 @@ serving throughout. An invalid file changes nothing: the error is logged and sho
 health, and the running configuration stays. Settings that only a restart can apply (the socket,
 the state directory, the keyring) are reported and left as they are.
 
-`tokend.daemon.Daemon` calls `reload` under its reload lock; this module never imports the daemon,
-only the `Reloadable` protocol below.
+`Reloader` is the daemon's reload glue: SIGHUP only sets its event, one task runs the reloads so
+that they never overlap, and shutdown waits for a reload under way before it stops that task.
+This module never imports the daemon, only the `Reloadable` protocol below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import replace
 from typing import Protocol
@@ -46,6 +48,37 @@ class Reloadable(Protocol):
     def resolve(self, config: Config) -> Config: ...
     def make_connector(self, config: ConnectorConfig) -> Connector: ...
     def mark_state_dirty(self) -> None: ...
+
+
+class Reloader:
+    """Runs the reloads SIGHUP asks for, one at a time, in its own task (`run`)."""
+
+    def __init__(self, daemon: Reloadable) -> None:
+        self._daemon = daemon
+        self._requested = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def request(self) -> None:
+        """SIGHUP: ask for a reload; requests made while one runs are served by one more."""
+        self._requested.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._requested.wait()
+            self._requested.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Reload now (after any reload under way); returns whether the new file was applied."""
+        async with self._lock:
+            return await reload(self._daemon)
+
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        """Let a reload under way finish (it may be moving connectors), then end `task`."""
+        async with self._lock:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def reload(daemon: Reloadable) -> bool:

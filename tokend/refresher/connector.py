@@ -246,6 +246,10 @@ class Connector:
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
 
+    async def close(self) -> None:
+        """At shutdown: wait for the refresh in flight (the core branch adds the last write)."""
+        await self.wait_idle()
+
     async def _cycle(self, *, forced: bool) -> None:
         async with self._mutex:
             await cycle.run(self, forced=forced)
